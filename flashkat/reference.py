@@ -77,6 +77,11 @@ def _sign(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t >= 0, 1.0, -1.0).to(t.dtype)
 
 
+def _like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in a new tensor with ``t``'s dtype and memory layout (as ``torch.empty_like``)."""
+    return torch.empty_like(t).copy_(value)
+
+
 def _evaluate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     """P, Q of float64 ``x`` (channels last) with per-channel coefficients ``a`` (D, m+1), ``b`` (D, n)."""
     m, n = a.shape[1] - 1, b.shape[1]
@@ -96,7 +101,7 @@ def forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor,
     xd = x.double().movedim(dim, -1)
     channels = xd.shape[-1]
     p, q = _evaluate(xd, _per_channel(numerator, channels), _per_channel(denominator, channels))
-    return (p / q).movedim(-1, dim).to(x.dtype)
+    return _like(x, (p / q).movedim(-1, dim))
 
 
 def backward(
@@ -135,7 +140,7 @@ def backward(
     gn, gd = numerator.shape[0], denominator.shape[0]
     da = da.reshape(gn, channels // gn, m + 1).sum(1)
     db = db.reshape(gd, channels // gd, n).sum(1)
-    return dx.movedim(-1, dim).to(x.dtype), da.to(numerator.dtype), db.to(denominator.dtype)
+    return _like(x, dx.movedim(-1, dim)), da.to(numerator.dtype), db.to(denominator.dtype)
 
 
 class _GroupRational(torch.autograd.Function):

@@ -1,0 +1,51 @@
+"""``GroupRational``: the GR-KAN activation as an ``nn.Module``, a drop-in for KAT's ``KAT_Group``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flashkat.fitting import initial_coefficients
+from flashkat.ops.group_rational import group_rational
+
+
+class GroupRational(nn.Module):
+    """Learnable rational activation P(x)/Q(x) with coefficients shared by groups of channels.
+
+    Args:
+        num_groups: denominator groups (KAT: 8); the channel count must be divisible by it.
+        mode: initial shape, one of ``flashkat.fitting.MODES`` (identity, swish, gelu, ...).
+        order: (m, n), the degrees of P and Q.
+        numerator_groups: numerator groups (KAT: 1, one numerator shared by every channel).
+        dim: the channel dimension of the input (``-1`` for tokens, ``1`` for ``[B, C, H, W]``).
+
+    Parameters ``weight_numerator (numerator_groups, m+1)`` and ``weight_denominator
+    (num_groups, n)`` carry KAT's names and shapes, so KAT state dicts load unchanged. The
+    variance-preserving gain of the initial shape is kept as ``self.gain``.
+    """
+
+    def __init__(
+        self,
+        num_groups: int = 8,
+        mode: str = "gelu",
+        order: tuple[int, int] = (5, 4),
+        numerator_groups: int = 1,
+        dim: int = -1,
+    ) -> None:
+        super().__init__()
+        if num_groups < 1 or numerator_groups < 1:
+            raise ValueError(f"GroupRational: group counts must be >= 1, got num_groups={num_groups}, "
+                             f"numerator_groups={numerator_groups}")  # fmt: skip
+        fit = initial_coefficients(mode, tuple(order))
+        self.mode, self.order, self.dim, self.gain = mode, (len(fit.numerator) - 1, len(fit.denominator)), dim, fit.gain
+        numerator = torch.tensor(fit.numerator, dtype=torch.float32)
+        denominator = torch.tensor(fit.denominator, dtype=torch.float32).reshape(-1)
+        self.weight_numerator = nn.Parameter(numerator.repeat(numerator_groups, 1))
+        self.weight_denominator = nn.Parameter(denominator.repeat(num_groups, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_rational(x, self.weight_numerator, self.weight_denominator, self.dim)
+
+    def extra_repr(self) -> str:
+        return (f"num_groups={self.weight_denominator.shape[0]}, numerator_groups={self.weight_numerator.shape[0]}, "
+                f"order={self.order}, mode={self.mode!r}, dim={self.dim}")  # fmt: skip

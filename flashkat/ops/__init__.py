@@ -1,0 +1,1 @@
+"""Ops: one file per op, holding its Triton kernels, launchers and torch.library registration."""

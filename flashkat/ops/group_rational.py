@@ -1,0 +1,541 @@
+"""The group-rational op: Triton kernels, their launchers, and the ``torch.library`` registration.
+
+Math (see ``flashkat.reference``): for channel c with numerator group gn and denominator group gd,
+F(x) = P(x)/Q(x), P = sum_i A[gn,i] x^i, Q = 1 + sum_j |B[gd,j]| |x|^(j+1).
+
+Memory layout. Any dense tensor is viewed as ``(outer, D, inner)`` in memory, with
+``inner = stride(dim)``: element (s, c) with s = o*inner + i lives at o*D*inner + c*inner + i.
+For the usual channels-last case inner = 1 and this is a row-major (S, D) matrix. Kernels work on
+[BLOCK_S, BLOCK_C] tiles; a program owns one column tile (so it looks up its channels' groups and
+loads their coefficients once) and walks down the rows with a fixed stride.
+
+Traffic (the floor). Forward: read x, write y. Backward: read x and grad, write dx: the bytes of
+GELU's backward. Everything else (coefficients, per-program partial sums) is O(programs) bytes.
+
+Determinism. The backward never uses atomics: each program keeps per-element running sums of the
+m+1+n coefficient-gradient terms in registers, reduces them once at its end into one value per
+(group slot, coefficient), and writes them with plain stores; a second, tiny kernel adds those
+partials in a fixed order (in float64). Same inputs and device => bitwise identical gradients.
+
+Range. Arithmetic is float32 (float64 for float64 inputs). A tile holding any |x| above
+``_safe_limit(order)`` is evaluated in float64 instead, so finite inputs up to float32's range give
+finite results wherever the true value is finite; ordinary tiles never take that branch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from flashkat import reference
+
+try:  # Triton is optional: without it every device uses the reference.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAS_TRITON = False
+
+__all__ = ["group_rational", "triton_forward", "triton_backward", "HAS_TRITON"]
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tile(pid_c, D, cpg_a, cpg_b, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, UNIFORM: tl.constexpr,
+              INDEX_64: tl.constexpr):  # fmt: skip
+        """This program's TILE_W columns (padded to BLOCK_C), their mask, and their groups.
+
+        UNIFORM: the tile lies inside one numerator and one denominator group, so the groups (and
+        later the coefficients) are scalars; otherwise they are per-column vectors.
+        """
+        lanes = tl.arange(0, BLOCK_C)
+        first = pid_c * TILE_W
+        cols = first + lanes
+        col_mask = (lanes < TILE_W) & (cols < D)
+        if UNIFORM:
+            group_a = first // cpg_a
+            group_b = first // cpg_b
+        else:
+            group_a = cols // cpg_a
+            group_b = cols // cpg_b
+        if INDEX_64:
+            cols = cols.to(tl.int64)
+        return cols, col_mask, group_a, group_b
+
+    @triton.jit
+    def _offsets(rows, cols, S, D, INNER, col_mask, INDEX_64: tl.constexpr):
+        if INDEX_64:
+            rows = rows.to(tl.int64)
+        row_offsets = (rows // INNER) * (D * INNER) + rows % INNER
+        offsets = row_offsets[:, None] + cols[None, :] * INNER
+        mask = (rows < S)[:, None] & col_mask[None, :]
+        return offsets, mask
+
+    @triton.jit
+    def _load_coefficients(ptr, group, col_mask, K: tl.constexpr, ABS: tl.constexpr, DTYPE: tl.constexpr,
+                           UNIFORM: tl.constexpr):  # fmt: skip
+        """Tuple of the K coefficients of the tile's group(s): scalars, or [1, BLOCK_C] rows."""
+        coefficients = ()
+        for k in tl.static_range(K):
+            if UNIFORM:
+                c = tl.load(ptr + group * K + k).to(DTYPE)
+            else:
+                c = tl.load(ptr + group * K + k, mask=col_mask, other=0.0).to(DTYPE)[None, :]
+            if ABS:
+                c = tl.abs(c)
+            coefficients = coefficients + (c,)
+        return coefficients
+
+    @triton.jit
+    def _cast_all(values, K: tl.constexpr, DTYPE: tl.constexpr):
+        out = ()
+        for k in tl.static_range(K):
+            out = out + (values[k].to(DTYPE),)
+        return out
+
+    @triton.jit
+    def _rational(x, a, b, M: tl.constexpr, N: tl.constexpr):
+        """P(x) and Q(x) by Horner's rule; ``b`` holds |B|."""
+        p = a[M] + tl.zeros_like(x)
+        for i in tl.static_range(M - 1, -1, -1):
+            p = p * x + a[i]
+        ax = tl.abs(x)
+        q = tl.zeros_like(x)
+        for j in tl.static_range(N - 1, -1, -1):
+            q = (q + b[j]) * ax
+        return p, q + 1.0
+
+    @triton.jit
+    def _rational_value(x, a, b, M: tl.constexpr, N: tl.constexpr, OUT: tl.constexpr):
+        p, q = _rational(x, a, b, M, N)
+        return (p / q).to(OUT)
+
+    @triton.jit
+    def _rational_grads(x, g, a, b, M: tl.constexpr, N: tl.constexpr, DX: tl.constexpr, TERMS: tl.constexpr):
+        """dx (as DX) and the m+1+n per-element coefficient-gradient terms (as TERMS).
+
+        terms[i]     = g x^i / Q                  (numerator i)
+        terms[m+1+j] = -g F |x|^(j+1) / Q          (denominator j; sign(B) is applied after summing)
+        """
+        p, q = _rational(x, a, b, M, N)
+        r = 1.0 / q
+        f = p * r
+        ax = tl.abs(x)
+        dp = tl.zeros_like(x)  # P'(x)
+        for i in tl.static_range(M, 0, -1):
+            dp = dp * x + i * a[i]
+        dq = tl.zeros_like(x)  # Q'(x) / sign(x)
+        for j in tl.static_range(N, 0, -1):
+            dq = dq * ax + j * b[j - 1]
+        dq = tl.where(x >= 0, dq, -dq)
+        gr = g * r
+        dx = gr * (dp - f * dq)
+        terms = ()
+        t = gr
+        for i in tl.static_range(M + 1):
+            terms = terms + (t.to(TERMS),)
+            t = t * x
+        w = -gr * f
+        for j in tl.static_range(N):
+            w = w * ax
+            terms = terms + (w.to(TERMS),)
+        return dx.to(DX), terms
+
+    @triton.jit
+    def _forward_kernel(
+        x_ptr, y_ptr, a_ptr, b_ptr,
+        S, D, INNER, cpg_a, cpg_b, safe_limit,
+        M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+        TILE_W: tl.constexpr, UNIFORM: tl.constexpr, COMPUTE: tl.constexpr, INDEX_64: tl.constexpr,
+    ):  # fmt: skip
+        OUT: tl.constexpr = y_ptr.dtype.element_ty
+        cols, col_mask, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, TILE_W, BLOCK_C, UNIFORM, INDEX_64)
+        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM)
+        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM)
+        any_big = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.int1)
+        for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
+            offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            big = tl.abs(x) > safe_limit  # redone by _fix_big_forward
+            any_big = any_big | big
+            y = _rational_value(tl.where(big, 0.0, x), a, b, M, N, OUT)
+            tl.store(y_ptr + offsets, y, mask=mask)  # a mask without ~big keeps the stores vectorised
+        if tl.max(any_big.to(tl.int32)) > 0:
+            _fix_big_forward(x_ptr, y_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b,
+                             S, D, INNER, safe_limit, M, N, BLOCK_S, UNIFORM, INDEX_64)  # fmt: skip
+
+    @triton.jit
+    def _fix_big_forward(x_ptr, y_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b,
+                         S, D, INNER, safe_limit, M: tl.constexpr, N: tl.constexpr,
+                         BLOCK_S: tl.constexpr, UNIFORM: tl.constexpr, INDEX_64: tl.constexpr):  # fmt: skip
+        """Evaluate, in float64 and one row at a time (few registers), the elements with |x| > safe_limit."""
+        tl.debug_barrier()  # the main loop's stores to these elements come first
+        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM)
+        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM)
+        for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
+            for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):
+                offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                big = tl.abs(x) > safe_limit
+                y = _rational_value(tl.where(big, x, 0.0), a, b, M, N, y_ptr.dtype.element_ty)
+                tl.store(y_ptr + offsets, y, mask=mask & big)
+
+    @triton.jit
+    def _column_sums(t, UNIFORM: tl.constexpr):
+        """Sum over the rows of a tile; over its columns too when they share their groups (UNIFORM)."""
+        if UNIFORM:
+            return tl.sum(tl.sum(t, axis=1), axis=0)
+        else:
+            return tl.sum(t, axis=0)
+
+    @triton.jit
+    def _store_partials(partial_ptr, sums, col_mask, group, first_group, tile,
+                        FIRST: tl.constexpr, K: tl.constexpr, SLOTS: tl.constexpr, UNIFORM: tl.constexpr):  # fmt: skip
+        """Store column sums FIRST..FIRST+K-1 per group slot of the tile: partial[tile, slot, k]."""
+        if UNIFORM:  # sums are already scalars
+            for k in tl.static_range(K):
+                tl.store(partial_ptr + tile * K + k, sums[FIRST + k])
+        else:
+            slots = tl.arange(0, SLOTS)
+            onehot = ((group - first_group)[:, None] == slots[None, :]) & col_mask[:, None]
+            for k in tl.static_range(K):
+                per_slot = tl.sum(tl.where(onehot, sums[FIRST + k][:, None], 0.0), axis=0)
+                tl.store(partial_ptr + (tile * SLOTS + slots) * K + k, per_slot)
+
+    @triton.jit
+    def _backward_kernel(
+        x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, partial_a_ptr, partial_b_ptr,
+        S, D, INNER, cpg_a, cpg_b, safe_limit,
+        M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+        TILE_W: tl.constexpr, UNIFORM: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr,
+        COMPUTE: tl.constexpr, ACCUMULATE: tl.constexpr, INDEX_64: tl.constexpr,
+    ):  # fmt: skip
+        DX: tl.constexpr = dx_ptr.dtype.element_ty
+        pid_c = tl.program_id(1)
+        cols, col_mask, group_a, group_b = _tile(pid_c, D, cpg_a, cpg_b, TILE_W, BLOCK_C, UNIFORM, INDEX_64)
+        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM)
+        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM)
+
+        # Per-element running sums of each coefficient's gradient terms (registers only).
+        acc = ()
+        for k in tl.static_range(M + 1 + N):
+            acc = acc + (tl.zeros((BLOCK_S, BLOCK_C), dtype=ACCUMULATE),)
+        any_big = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.int1)
+        for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
+            offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            big = tl.abs(x) > safe_limit  # redone by _fix_big_backward
+            any_big = any_big | big
+            # x = g = 0 (masked or big) contributes exactly zero to every sum
+            dx, terms = _rational_grads(tl.where(big, 0.0, x), tl.where(big, 0.0, g), a, b, M, N, DX, ACCUMULATE)
+            tl.store(dx_ptr + offsets, dx, mask=mask)  # a mask without ~big keeps the stores vectorised
+            new_acc = ()
+            for k in tl.static_range(M + 1 + N):
+                new_acc = new_acc + (acc[k] + terms[k],)
+            acc = new_acc
+
+        # Once per program: sum the rows, then the tile's columns per group; plain stores.
+        sums = ()  # float64 partials: cheap (few) and exact to add up
+        for k in tl.static_range(M + 1 + N):
+            sums = sums + (_column_sums(acc[k], UNIFORM).to(tl.float64),)
+        if tl.max(any_big.to(tl.int32)) > 0:
+            sums = _fix_big_backward(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, sums, cols, col_mask, group_a, group_b,
+                                     S, D, INNER, safe_limit, M, N, BLOCK_S, UNIFORM, INDEX_64)  # fmt: skip
+        tile = tl.program_id(0) * tl.num_programs(1) + pid_c
+        first = pid_c * TILE_W
+        _store_partials(partial_a_ptr, sums, col_mask, group_a, first // cpg_a, tile, 0, M + 1, SLOTS_A, UNIFORM)
+        if N > 0:
+            _store_partials(partial_b_ptr, sums, col_mask, group_b, first // cpg_b, tile, M + 1, N, SLOTS_B, UNIFORM)
+
+    @triton.jit
+    def _fix_big_backward(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, sums, cols, col_mask, group_a, group_b,
+                          S, D, INNER, safe_limit, M: tl.constexpr, N: tl.constexpr,
+                          BLOCK_S: tl.constexpr, UNIFORM: tl.constexpr, INDEX_64: tl.constexpr):  # fmt: skip
+        """dx and the gradient terms of the elements with |x| > safe_limit, in float64, row by row.
+
+        Their terms are summed in float64 (``sums`` is float64), so that terms beyond float32's
+        range add up as the reference does.
+        """
+        tl.debug_barrier()  # the main loop's stores to these elements come first
+        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM)
+        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM)
+        for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
+            for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):
+                offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                big = tl.abs(x) > safe_limit
+                dx, terms = _rational_grads(tl.where(big, x, 0.0), tl.where(big, g, 0.0), a, b, M, N,
+                                            dx_ptr.dtype.element_ty, tl.float64)  # fmt: skip
+                tl.store(dx_ptr + offsets, dx, mask=mask & big)
+                new_sums = ()
+                for k in tl.static_range(M + 1 + N):
+                    new_sums = new_sums + (sums[k] + _column_sums(terms[k], UNIFORM),)
+                sums = new_sums
+        return sums
+
+    @triton.jit
+    def _reduce_group(partial_ptr, coef_ptr, out_ptr, group, programs_s, tiles_c, cpg,
+                      K: tl.constexpr, K_PAD: tl.constexpr, SLOTS: tl.constexpr, TILE_W: tl.constexpr,
+                      BLOCK_P: tl.constexpr, SIGN: tl.constexpr):  # fmt: skip
+        """Sum, in a fixed order and in float64, every partial of ``group``; store d coef[group, :]."""
+        ks = tl.arange(0, K_PAD)
+        ps = tl.arange(0, BLOCK_P)
+        acc = tl.zeros((BLOCK_P, K_PAD), dtype=tl.float64)
+        first_col = group * cpg
+        for t in range(first_col // TILE_W, (first_col + cpg - 1) // TILE_W + 1):
+            slot = group - (t * TILE_W) // cpg
+            for p0 in range(0, programs_s, BLOCK_P):
+                p = p0 + ps
+                index = ((p[:, None] * tiles_c + t) * SLOTS + slot) * K + ks[None, :]
+                mask = (p < programs_s)[:, None] & (ks < K)[None, :]
+                acc += tl.load(partial_ptr + index, mask=mask, other=0.0)
+        total = tl.sum(acc, axis=0)
+        if SIGN:  # d/dB carries sign(B), with sign(0) = +1
+            coef = tl.load(coef_ptr + group * K + ks, mask=ks < K, other=0.0)
+            total = tl.where(coef >= 0, total, -total)
+        tl.store(out_ptr + group * K + ks, total.to(out_ptr.dtype.element_ty), mask=ks < K)
+
+    @triton.jit
+    def _reduce_kernel(
+        partial_a_ptr, a_ptr, da_ptr, partial_b_ptr, b_ptr, db_ptr,
+        groups_a, programs_s, tiles_c, cpg_a, cpg_b,
+        M: tl.constexpr, N: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr,
+        SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, TILE_W: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):  # fmt: skip
+        group = tl.program_id(0)
+        if group < groups_a:
+            _reduce_group(partial_a_ptr, a_ptr, da_ptr, group, programs_s, tiles_c, cpg_a,
+                          M + 1, MP, SLOTS_A, TILE_W, BLOCK_P, False)  # fmt: skip
+        else:
+            _reduce_group(partial_b_ptr, b_ptr, db_ptr, group - groups_a, programs_s, tiles_c, cpg_b,
+                          N, NP, SLOTS_B, TILE_W, BLOCK_P, True)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _dense_layout(t: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
+    """(S, D, inner) if ``t`` is non-overlapping and dense (any dim order), else None."""
+    dims = sorted((d for d in range(t.dim()) if t.shape[d] > 1), key=lambda d: t.stride(d))
+    expected = 1
+    for d in dims:
+        if t.stride(d) != expected:
+            return None
+        expected *= t.shape[d]
+    channels = t.shape[dim]
+    inner = t.stride(dim) if channels > 1 else 1
+    return t.numel() // max(channels, 1), channels, inner
+
+
+def _as_dense(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    layout = _dense_layout(t, dim)
+    if layout is None:  # e.g. a strided slice: empty_like makes a dense tensor of the same shape
+        t = torch.empty_like(t).copy_(t)
+        layout = _dense_layout(t, dim)
+    return t, layout
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_per_wave(device_index: int) -> int:
+    if device_index < 0:  # the Triton interpreter on the CPU: a few programs exercise the row loop
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _safe_limit(m: int, n: int) -> float:
+    """Largest |x| for which float32 evaluation cannot overflow with coefficients of sane size."""
+    return float(2.0 ** (96 // max(m, n, 1)))
+
+
+def _uniform_width(cpg_a: int, cpg_b: int, max_width: int) -> int | None:
+    """Columns per tile such that every tile lies in one numerator and one denominator group.
+
+    A power of two when one of at least 16 divides both group widths (full, aligned lanes);
+    else the largest common divisor up to ``max_width``, padded to a power of two in the kernel;
+    None when that is under 8 columns (narrow groups use per-column coefficient vectors).
+    """
+    common = math.gcd(cpg_a, cpg_b)
+    pow2 = min(common & -common, max_width)
+    if pow2 >= 16:
+        return pow2
+    width = max(w for w in range(1, min(common, max_width) + 1) if common % w == 0)
+    return width if width >= 8 else None
+
+
+def _group_slots(width: int, cpg: int) -> int:
+    """Most groups that one tile of ``width`` columns (starting at a multiple of it) can touch."""
+    if cpg % width == 0:
+        return 1
+    if width % cpg == 0:
+        return width // cpg
+    return min(_next_pow2((width - 1) // cpg + 2), width)
+
+
+_INDEX_64_FROM = 2**31 - 1  # element count from which offsets are computed in int64
+
+# Tile sizes and grid occupancy; the defaults were chosen by measurement (docs/BENCHMARKS.md).
+_TUNING = dict(forward_elements=1024, backward_elements=512, num_warps=4, forward_waves=8, backward_waves=4)
+
+
+class _Config:
+    """Launch parameters for one (layout, dtype, order, groups, device) combination."""
+
+    def __init__(self, S, D, inner, dtype, m, n, groups_a, groups_b, device_index, backward):
+        self.cpg_a, self.cpg_b = D // groups_a, D // groups_b
+        width = _uniform_width(self.cpg_a, self.cpg_b, 64)
+        self.uniform = width is not None
+        if not self.uniform:
+            width = min(_next_pow2(D), 32)
+        self.tile_w = width
+        self.block_c = _next_pow2(width)
+        elements = _TUNING["backward_elements" if backward else "forward_elements"]
+        self.block_s = max(elements // self.block_c, 1)
+        self.num_warps = _TUNING["num_warps"]
+        self.tiles_c = triton.cdiv(D, width)
+        waves = _TUNING["backward_waves" if backward else "forward_waves"]
+        wanted = max(_programs_per_wave(device_index) * waves // self.tiles_c, 1)
+        self.programs_s = max(min(wanted, triton.cdiv(S, self.block_s)), 1)
+        self.slots_a = 1 if self.uniform else _group_slots(width, self.cpg_a)
+        self.slots_b = 1 if self.uniform else _group_slots(width, self.cpg_b)
+        self.compute = tl.float64 if dtype == torch.float64 else tl.float32
+        self.index_64 = S * D >= _INDEX_64_FROM
+        # float64 arithmetic never needs the float64 branch
+        self.safe_limit = float("inf") if dtype == torch.float64 else _safe_limit(m, n)
+
+    def meta(self) -> dict:
+        """The constexpr arguments both kernels share."""
+        return dict(BLOCK_S=self.block_s, BLOCK_C=self.block_c, TILE_W=self.tile_w, UNIFORM=self.uniform,
+                    COMPUTE=self.compute, INDEX_64=self.index_64, num_warps=self.num_warps)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=512)
+def _config(*key) -> _Config:
+    return _Config(*key)
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.is_cuda else -1
+
+
+def triton_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """F(x) by the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    dim = reference.check_args(x, numerator, denominator, dim)
+    x, (S, D, inner) = _as_dense(x, dim)
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    m, n = numerator.shape[1] - 1, denominator.shape[1]
+    cfg = _config(S, D, inner, x.dtype, m, n, numerator.shape[0], denominator.shape[0], _device_index(x), False)
+    _forward_kernel[(cfg.programs_s, cfg.tiles_c)](
+        x, y, numerator.contiguous(), denominator.contiguous(),
+        S, D, inner, cfg.cpg_a, cfg.cpg_b, cfg.safe_limit,
+        M=m, N=n, **cfg.meta(),
+    )  # fmt: skip
+    return y
+
+
+def triton_backward(
+    grad_output: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int = -1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d numerator, d denominator) by the Triton kernels, deterministically."""
+    dim = reference.check_args(x, numerator, denominator, dim)
+    if grad_output.shape != x.shape:
+        raise ValueError(f"group_rational: grad_output shape {tuple(grad_output.shape)} != x shape {tuple(x.shape)}")
+    x, (S, D, inner) = _as_dense(x, dim)
+    if grad_output.stride() != x.stride():
+        grad_output = torch.empty_like(x).copy_(grad_output)
+    dx = torch.empty_like(x)
+    da = torch.empty_like(numerator)
+    db = torch.empty_like(denominator)
+    if x.numel() == 0:
+        return dx, da.zero_(), db.zero_()
+    numerator, denominator = numerator.contiguous(), denominator.contiguous()
+    m, n = numerator.shape[1] - 1, denominator.shape[1]
+    groups_a, groups_b = numerator.shape[0], denominator.shape[0]
+    cfg = _config(S, D, inner, x.dtype, m, n, groups_a, groups_b, _device_index(x), True)
+    tiles = cfg.programs_s * cfg.tiles_c
+    partial_a = torch.empty(tiles * cfg.slots_a * (m + 1), device=x.device, dtype=torch.float64)
+    partial_b = torch.empty(max(tiles * cfg.slots_b * n, 1), device=x.device, dtype=torch.float64)
+    _backward_kernel[(cfg.programs_s, cfg.tiles_c)](
+        x, grad_output, dx, numerator, denominator, partial_a, partial_b,
+        S, D, inner, cfg.cpg_a, cfg.cpg_b, cfg.safe_limit,
+        M=m, N=n, SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, ACCUMULATE=cfg.compute, **cfg.meta(),
+    )  # fmt: skip
+    _reduce_kernel[(groups_a + (groups_b if n > 0 else 0),)](
+        partial_a, numerator, da, partial_b, denominator, db,
+        groups_a, cfg.programs_s, cfg.tiles_c, cfg.cpg_a, cfg.cpg_b,
+        M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)),
+        SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, TILE_W=cfg.tile_w, BLOCK_P=64,
+    )  # fmt: skip
+    return dx, da, db
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: CUDA runs the Triton kernels, every other device the reference.
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flashkat::group_rational", mutates_args=())
+def _group_rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int) -> torch.Tensor:
+    return reference.forward(x, numerator, denominator, dim)
+
+
+@torch.library.custom_op("flashkat::group_rational_backward", mutates_args=())
+def _group_rational_backward(
+    grad_output: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference.backward(grad_output, x, numerator, denominator, dim)
+
+
+if HAS_TRITON:
+    _group_rational.register_kernel("cuda")(triton_forward)
+    _group_rational_backward.register_kernel("cuda")(triton_backward)
+
+
+@_group_rational.register_fake
+def _(x, numerator, denominator, dim):
+    return torch.empty_like(x)
+
+
+@_group_rational_backward.register_fake
+def _(grad_output, x, numerator, denominator, dim):
+    return torch.empty_like(x), torch.empty_like(numerator), torch.empty_like(denominator)
+
+
+def _setup_context(ctx, inputs, output):
+    x, numerator, denominator, dim = inputs
+    ctx.save_for_backward(x, numerator, denominator)
+    ctx.dim = dim
+
+
+def _backward(ctx, grad_output):
+    x, numerator, denominator = ctx.saved_tensors
+    dx, da, db = _group_rational_backward(grad_output, x, numerator, denominator, ctx.dim)
+    return dx, da, db, None
+
+
+_group_rational.register_autograd(_backward, setup_context=_setup_context)
+
+
+def group_rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Apply the group-rational function along ``dim`` (see ``flashkat.reference`` for the math).
+
+    ``numerator`` is (Gn, m+1), ``denominator`` (Gd, n); the order (m, n) is read from the shapes
+    and the channel count ``x.shape[dim]`` must be divisible by Gn and Gd. CUDA tensors run the
+    Triton kernels, others the float64 reference. Differentiable in all three tensors; the output
+    has ``x``'s dtype (no upcast under autocast).
+    """
+    dim = reference.check_args(x, numerator, denominator, dim)
+    return _group_rational(x, numerator, denominator, dim)

@@ -1,0 +1,51 @@
+"""GroupRational, the nn.Module: KAT compatibility, initial shapes, repr."""
+
+import pytest
+import torch
+
+import flashkat
+from flashkat import reference
+from conftest import DEVICE, rel_l2
+
+
+def test_parameters_match_kat_names_and_shapes():
+    layer = flashkat.GroupRational(num_groups=8, mode="swish")
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {"weight_numerator": (1, 6), "weight_denominator": (8, 4)}
+    kat_state = {"weight_numerator": torch.randn(1, 6), "weight_denominator": torch.randn(8, 4)}
+    layer.load_state_dict(kat_state, strict=True)
+    assert torch.equal(layer.weight_denominator, kat_state["weight_denominator"])
+
+
+def test_other_orders_and_groups():
+    layer = flashkat.GroupRational(num_groups=4, mode="gelu", order=(3, 2), numerator_groups=2, dim=1)
+    assert layer.weight_numerator.shape == (2, 4) and layer.weight_denominator.shape == (4, 2)
+    x = torch.randn(2, 8, 3, 3)
+    y = layer(x)
+    ref = reference.forward(x.double(), layer.weight_numerator.double(), layer.weight_denominator.double(), 1)
+    assert rel_l2(y.detach(), ref) < 2e-6
+
+
+def test_identity_init_is_the_identity():
+    layer = flashkat.GroupRational(num_groups=8, mode="identity").to(DEVICE)
+    x = torch.randn(3, 7, 64, device=DEVICE)
+    assert torch.equal(layer(x), x)
+
+
+@pytest.mark.parametrize("mode,fn", [("gelu", torch.nn.functional.gelu), ("swish", torch.nn.functional.silu)])
+def test_initial_shapes_follow_their_activation(mode, fn):
+    layer = flashkat.GroupRational(num_groups=8, mode=mode).to(DEVICE)
+    x = torch.linspace(-3, 3, 8 * 128, device=DEVICE).reshape(-1, 8)
+    assert (layer(x) - fn(x)).abs().max().item() < 2e-2
+
+
+def test_extra_repr_names_groups_order_and_mode():
+    text = repr(flashkat.GroupRational(num_groups=8, mode="swish", order=(5, 4)))
+    assert "num_groups=8" in text and "order=(5, 4)" in text and "mode='swish'" in text
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_groups=0"):
+        flashkat.GroupRational(num_groups=0)
+    with pytest.raises(ValueError):
+        flashkat.GroupRational(mode="no-such-activation")
