@@ -12,6 +12,7 @@ import sys
 
 COMMANDS = {
     "fit": ("flashkat.fitting", "fit the initial rational coefficients of an activation"),
+    "bench": ("flashkat.bench", "time kernels and models against their floors"),
 }
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -45,23 +46,18 @@ __all__ = ["group_rational", "triton_forward", "triton_backward", "HAS_TRITON"]
 if HAS_TRITON:
 
     @triton.jit
-    def _tile(pid_c, D, cpg_a, cpg_b, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, UNIFORM: tl.constexpr,
+    def _tile(pid_c, D, cpg_a, cpg_b, BLOCK_C: tl.constexpr, UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr,
               INDEX_64: tl.constexpr):  # fmt: skip
-        """This program's TILE_W columns (padded to BLOCK_C), their mask, and their groups.
+        """This program's BLOCK_C columns, their mask, and their numerator and denominator groups.
 
-        UNIFORM: the tile lies inside one numerator and one denominator group, so the groups (and
-        later the coefficients) are scalars; otherwise they are per-column vectors.
+        A UNIFORM set has the whole tile inside one of its groups, so its group (and later its
+        coefficients) is a scalar; otherwise it is a per-column vector.
         """
-        lanes = tl.arange(0, BLOCK_C)
-        first = pid_c * TILE_W
-        cols = first + lanes
-        col_mask = (lanes < TILE_W) & (cols < D)
-        if UNIFORM:
-            group_a = first // cpg_a
-            group_b = first // cpg_b
-        else:
-            group_a = cols // cpg_a
-            group_b = cols // cpg_b
+        first = pid_c * BLOCK_C
+        cols = first + tl.arange(0, BLOCK_C)
+        col_mask = cols < D
+        group_a = first // cpg_a if UNIFORM_A else cols // cpg_a
+        group_b = first // cpg_b if UNIFORM_B else cols // cpg_b
         if INDEX_64:
             cols = cols.to(tl.int64)
         return cols, col_mask, group_a, group_b
@@ -74,6 +70,20 @@ if HAS_TRITON:
         offsets = row_offsets[:, None] + cols[None, :] * INNER
         mask = (rows < S)[:, None] & col_mask[None, :]
         return offsets, mask
+
+    @triton.jit
+    def _load(ptr, offsets, mask, EVEN: tl.constexpr):
+        if EVEN:  # whole tiles only: no masks, nothing to compute per element
+            return tl.load(ptr + offsets)
+        else:
+            return tl.load(ptr + offsets, mask=mask, other=0.0)
+
+    @triton.jit
+    def _store(ptr, offsets, value, mask, EVEN: tl.constexpr):
+        if EVEN:
+            tl.store(ptr + offsets, value)
+        else:
+            tl.store(ptr + offsets, value, mask=mask)
 
     @triton.jit
     def _load_coefficients(ptr, group, col_mask, K: tl.constexpr, ABS: tl.constexpr, DTYPE: tl.constexpr,
@@ -91,58 +101,87 @@ if HAS_TRITON:
         return coefficients
 
     @triton.jit
-    def _cast_all(values, K: tl.constexpr, DTYPE: tl.constexpr):
-        out = ()
-        for k in tl.static_range(K):
-            out = out + (values[k].to(DTYPE),)
-        return out
+    def _reciprocal(q, FAST: tl.constexpr):
+        """1/q for 1 <= q < 2**126: one MUFU.RCP (about 1 ulp) in float32 when FAST, else a division.
+
+        The fast path skips the range checks of IEEE division, which cost as much as the rest
+        of the forward pass; q is never outside that range there (see ``_safe_limit``).
+        """
+        if FAST and q.dtype == tl.float32:
+            return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [q], dtype=tl.float32,
+                                             is_pure=True, pack=1)  # fmt: skip
+        else:
+            return 1.0 / q
 
     @triton.jit
-    def _rational(x, a, b, M: tl.constexpr, N: tl.constexpr):
-        """P(x) and Q(x) by Horner's rule; ``b`` holds |B|."""
-        p = a[M] + tl.zeros_like(x)
-        for i in tl.static_range(M - 1, -1, -1):
-            p = p * x + a[i]
-        ax = tl.abs(x)
-        q = tl.zeros_like(x)
-        for j in tl.static_range(N - 1, -1, -1):
-            q = (q + b[j]) * ax
-        return p, q + 1.0
+    def _rational(x, ax, a, b, M: tl.constexpr, N: tl.constexpr):
+        """P(x) and Q(x) by Horner's rule, one FMA per coefficient; ``b`` holds |B|, ``ax`` |x|."""
+        p = _horner(x, a, M)
+        if N > 0:
+            q = _horner(ax, b, N - 1) * ax + 1.0
+        else:
+            q = tl.full(x.shape, 1.0, x.dtype)
+        return p, q
 
     @triton.jit
-    def _rational_value(x, a, b, M: tl.constexpr, N: tl.constexpr, OUT: tl.constexpr):
-        p, q = _rational(x, a, b, M, N)
-        return (p / q).to(OUT)
+    def _horner(x, c, DEGREE: tl.constexpr):
+        """sum_{i <= DEGREE} c[i] x^i, one FMA per coefficient (no broadcast add to start)."""
+        if DEGREE == 0:
+            return tl.broadcast_to(c[0], x.shape)
+        else:
+            h = c[DEGREE] * x + c[DEGREE - 1]
+            for i in tl.static_range(DEGREE - 2, -1, -1):
+                h = h * x + c[i]
+            return h
 
     @triton.jit
-    def _rational_grads(x, g, a, b, M: tl.constexpr, N: tl.constexpr, DX: tl.constexpr, TERMS: tl.constexpr):
+    def _rational_value(x, a, b, M: tl.constexpr, N: tl.constexpr, OUT: tl.constexpr, FAST: tl.constexpr):
+        p, q = _rational(x, tl.abs(x), a, b, M, N)
+        return (p * _reciprocal(q, FAST)).to(OUT)
+
+    @triton.jit
+    def _power(x, k: tl.constexpr):
+        """x**k for a small constant k by repeated squaring (unrolled)."""
+        result = tl.full(x.shape, 1.0, x.dtype)
+        base = x
+        for bit in tl.static_range(8):
+            if (k >> bit) & 1:
+                result = result * base
+            if (k >> (bit + 1)) > 0:
+                base = base * base
+        return result
+
+    @triton.jit
+    def _rational_grads(x, g, a, b, M: tl.constexpr, N: tl.constexpr, DX: tl.constexpr, TERMS: tl.constexpr,
+                        FAST: tl.constexpr):  # fmt: skip
         """dx (as DX) and the m+1+n per-element coefficient-gradient terms (as TERMS).
 
         terms[i]     = g x^i / Q                  (numerator i)
         terms[m+1+j] = -g F |x|^(j+1) / Q          (denominator j; sign(B) is applied after summing)
+
+        Horner's rule for P, Q and their derivatives; the terms reuse powers of x built once.
         """
-        p, q = _rational(x, a, b, M, N)
-        r = 1.0 / q
-        f = p * r
         ax = tl.abs(x)
+        p, q = _rational(x, ax, a, b, M, N)
+        r = _reciprocal(q, FAST)
+        f = p * r
         dp = tl.zeros_like(x)  # P'(x)
         for i in tl.static_range(M, 0, -1):
             dp = dp * x + i * a[i]
-        dq = tl.zeros_like(x)  # Q'(x) / sign(x)
+        dq = tl.zeros_like(x)  # Q'(x) / sign(x), sign(0) = +1
         for j in tl.static_range(N, 0, -1):
             dq = dq * ax + j * b[j - 1]
-        dq = tl.where(x >= 0, dq, -dq)
         gr = g * r
-        dx = gr * (dp - f * dq)
-        terms = ()
-        t = gr
-        for i in tl.static_range(M + 1):
-            terms = terms + (t.to(TERMS),)
-            t = t * x
+        dx = gr * (dp - f * tl.where(x >= 0, dq, -dq))
+        terms = (gr.to(TERMS),)
+        for i in tl.static_range(1, M + 1):
+            terms = terms + ((gr * _power(x, i)).to(TERMS),)
         w = -gr * f
         for j in tl.static_range(N):
-            w = w * ax
-            terms = terms + (w.to(TERMS),)
+            if j % 2 == 1:  # even powers of |x| are powers of x
+                terms = terms + ((w * _power(x, j + 1)).to(TERMS),)
+            else:
+                terms = terms + ((w * ax * _power(x, j)).to(TERMS),)
         return dx.to(DX), terms
 
     @triton.jit
@@ -150,47 +189,51 @@ if HAS_TRITON:
         x_ptr, y_ptr, a_ptr, b_ptr,
         S, D, INNER, cpg_a, cpg_b, safe_limit,
         M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-        TILE_W: tl.constexpr, UNIFORM: tl.constexpr, COMPUTE: tl.constexpr, INDEX_64: tl.constexpr,
+        UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
+        COMPUTE: tl.constexpr, INDEX_64: tl.constexpr, FAST: tl.constexpr,
     ):  # fmt: skip
-        OUT: tl.constexpr = y_ptr.dtype.element_ty
-        cols, col_mask, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, TILE_W, BLOCK_C, UNIFORM, INDEX_64)
-        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM)
-        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM)
-        any_big = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.int1)
+        cols, col_mask, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, BLOCK_C, UNIFORM_A, UNIFORM_B,
+                                                 INDEX_64)  # fmt: skip
+        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
+        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM_B)
+        largest = tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE)  # max |x| seen, for the range check
         for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
             offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-            big = tl.abs(x) > safe_limit  # redone by _fix_big_forward
-            any_big = any_big | big
-            y = _rational_value(tl.where(big, 0.0, x), a, b, M, N, OUT)
-            tl.store(y_ptr + offsets, y, mask=mask)  # a mask without ~big keeps the stores vectorised
-        if tl.max(any_big.to(tl.int32)) > 0:
-            _fix_big_forward(x_ptr, y_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b,
-                             S, D, INNER, safe_limit, M, N, BLOCK_S, UNIFORM, INDEX_64)  # fmt: skip
-
-    @triton.jit
-    def _fix_big_forward(x_ptr, y_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b,
-                         S, D, INNER, safe_limit, M: tl.constexpr, N: tl.constexpr,
-                         BLOCK_S: tl.constexpr, UNIFORM: tl.constexpr, INDEX_64: tl.constexpr):  # fmt: skip
-        """Evaluate, in float64 and one row at a time (few registers), the elements with |x| > safe_limit."""
-        tl.debug_barrier()  # the main loop's stores to these elements come first
-        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM)
-        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM)
-        for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
-            for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):
-                offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-                big = tl.abs(x) > safe_limit
-                y = _rational_value(tl.where(big, x, 0.0), a, b, M, N, y_ptr.dtype.element_ty)
-                tl.store(y_ptr + offsets, y, mask=mask & big)
+            x = _load(x_ptr, offsets, mask, EVEN).to(COMPUTE)
+            largest = tl.maximum(largest, tl.abs(x))
+            _store(y_ptr, offsets, _rational_value(x, a, b, M, N, y_ptr.dtype.element_ty, FAST), mask, EVEN)
+        if tl.max(largest) > safe_limit:  # rare: redo this program's elements in float64
+            tl.debug_barrier()  # the stores above come first
+            a64 = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
+            b64 = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM_B)
+            for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
+                for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):  # a row at a time: few registers
+                    offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
+                    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                    tl.store(y_ptr + offsets, _rational_value(x, a64, b64, M, N, y_ptr.dtype.element_ty, False), mask=mask)
 
     @triton.jit
     def _column_sums(t, UNIFORM: tl.constexpr):
-        """Sum over the rows of a tile; over its columns too when they share their groups (UNIFORM)."""
+        """Sum over the rows of a tile; over its columns too when they share one group (UNIFORM)."""
         if UNIFORM:
             return tl.sum(tl.sum(t, axis=1), axis=0)
         else:
             return tl.sum(t, axis=0)
+
+    @triton.jit
+    def _sum_terms(terms, M: tl.constexpr, N: tl.constexpr, UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr):
+        """Column sums (float64) of each coefficient's terms: numerator ones, then denominator ones."""
+        sums = ()
+        for k in tl.static_range(M + 1 + N):
+            sums = sums + (_column_sums(terms[k], UNIFORM_A if k <= M else UNIFORM_B).to(tl.float64),)
+        return sums
+
+    @triton.jit
+    def _zero_terms(M: tl.constexpr, N: tl.constexpr, BLOCK_C: tl.constexpr):
+        terms = ()
+        for k in tl.static_range(M + 1 + N):
+            terms = terms + (tl.zeros((1, BLOCK_C), dtype=tl.float64),)
+        return terms
 
     @triton.jit
     def _store_partials(partial_ptr, sums, col_mask, group, first_group, tile,
@@ -211,85 +254,71 @@ if HAS_TRITON:
         x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, partial_a_ptr, partial_b_ptr,
         S, D, INNER, cpg_a, cpg_b, safe_limit,
         M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-        TILE_W: tl.constexpr, UNIFORM: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr,
-        COMPUTE: tl.constexpr, ACCUMULATE: tl.constexpr, INDEX_64: tl.constexpr,
+        UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
+        SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, COMPUTE: tl.constexpr, INDEX_64: tl.constexpr,
+        FAST: tl.constexpr,
     ):  # fmt: skip
         DX: tl.constexpr = dx_ptr.dtype.element_ty
         pid_c = tl.program_id(1)
-        cols, col_mask, group_a, group_b = _tile(pid_c, D, cpg_a, cpg_b, TILE_W, BLOCK_C, UNIFORM, INDEX_64)
-        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM)
-        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM)
+        cols, col_mask, group_a, group_b = _tile(pid_c, D, cpg_a, cpg_b, BLOCK_C, UNIFORM_A, UNIFORM_B, INDEX_64)
+        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
+        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM_B)
 
         # Per-element running sums of each coefficient's gradient terms (registers only).
         acc = ()
         for k in tl.static_range(M + 1 + N):
-            acc = acc + (tl.zeros((BLOCK_S, BLOCK_C), dtype=ACCUMULATE),)
-        any_big = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.int1)
+            acc = acc + (tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE),)
+        largest = tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE)  # max |x| seen, for the range check
         for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
             offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-            g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-            big = tl.abs(x) > safe_limit  # redone by _fix_big_backward
-            any_big = any_big | big
-            # x = g = 0 (masked or big) contributes exactly zero to every sum
-            dx, terms = _rational_grads(tl.where(big, 0.0, x), tl.where(big, 0.0, g), a, b, M, N, DX, ACCUMULATE)
-            tl.store(dx_ptr + offsets, dx, mask=mask)  # a mask without ~big keeps the stores vectorised
+            x = _load(x_ptr, offsets, mask, EVEN).to(COMPUTE)
+            g = _load(g_ptr, offsets, mask, EVEN).to(COMPUTE)  # masked: g = 0, so every term is 0
+            largest = tl.maximum(largest, tl.abs(x))
+            dx, terms = _rational_grads(x, g, a, b, M, N, DX, COMPUTE, FAST)
+            _store(dx_ptr, offsets, dx, mask, EVEN)
             new_acc = ()
             for k in tl.static_range(M + 1 + N):
                 new_acc = new_acc + (acc[k] + terms[k],)
             acc = new_acc
+        sums = _sum_terms(acc, M, N, UNIFORM_A, UNIFORM_B)  # float64 partials: few, exact to add up
 
-        # Once per program: sum the rows, then the tile's columns per group; plain stores.
-        sums = ()  # float64 partials: cheap (few) and exact to add up
-        for k in tl.static_range(M + 1 + N):
-            sums = sums + (_column_sums(acc[k], UNIFORM).to(tl.float64),)
-        if tl.max(any_big.to(tl.int32)) > 0:
-            sums = _fix_big_backward(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, sums, cols, col_mask, group_a, group_b,
-                                     S, D, INNER, safe_limit, M, N, BLOCK_S, UNIFORM, INDEX_64)  # fmt: skip
+        if tl.max(largest) > safe_limit:  # rare: redo this program's elements in float64
+            tl.debug_barrier()  # the dx stores above come first
+            a64 = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
+            b64 = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM_B)
+            sums = _sum_terms(_zero_terms(M, N, BLOCK_C), M, N, UNIFORM_A, UNIFORM_B)
+            for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
+                for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):  # a row at a time: few registers
+                    offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
+                    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                    dx, terms = _rational_grads(x, g, a64, b64, M, N, DX, tl.float64, False)
+                    tl.store(dx_ptr + offsets, dx, mask=mask)
+                    row_sums = _sum_terms(terms, M, N, UNIFORM_A, UNIFORM_B)
+                    new_sums = ()
+                    for k in tl.static_range(M + 1 + N):
+                        new_sums = new_sums + (sums[k] + row_sums[k],)
+                    sums = new_sums
+
+        # Once per program: one value per (group slot, coefficient), with plain stores.
         tile = tl.program_id(0) * tl.num_programs(1) + pid_c
-        first = pid_c * TILE_W
-        _store_partials(partial_a_ptr, sums, col_mask, group_a, first // cpg_a, tile, 0, M + 1, SLOTS_A, UNIFORM)
+        first = pid_c * BLOCK_C
+        _store_partials(partial_a_ptr, sums, col_mask, group_a, first // cpg_a, tile, 0, M + 1, SLOTS_A, UNIFORM_A)
         if N > 0:
-            _store_partials(partial_b_ptr, sums, col_mask, group_b, first // cpg_b, tile, M + 1, N, SLOTS_B, UNIFORM)
-
-    @triton.jit
-    def _fix_big_backward(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, sums, cols, col_mask, group_a, group_b,
-                          S, D, INNER, safe_limit, M: tl.constexpr, N: tl.constexpr,
-                          BLOCK_S: tl.constexpr, UNIFORM: tl.constexpr, INDEX_64: tl.constexpr):  # fmt: skip
-        """dx and the gradient terms of the elements with |x| > safe_limit, in float64, row by row.
-
-        Their terms are summed in float64 (``sums`` is float64), so that terms beyond float32's
-        range add up as the reference does.
-        """
-        tl.debug_barrier()  # the main loop's stores to these elements come first
-        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM)
-        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM)
-        for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
-            for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):
-                offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-                g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-                big = tl.abs(x) > safe_limit
-                dx, terms = _rational_grads(tl.where(big, x, 0.0), tl.where(big, g, 0.0), a, b, M, N,
-                                            dx_ptr.dtype.element_ty, tl.float64)  # fmt: skip
-                tl.store(dx_ptr + offsets, dx, mask=mask & big)
-                new_sums = ()
-                for k in tl.static_range(M + 1 + N):
-                    new_sums = new_sums + (sums[k] + _column_sums(terms[k], UNIFORM),)
-                sums = new_sums
-        return sums
+            _store_partials(partial_b_ptr, sums, col_mask, group_b, first // cpg_b, tile, M + 1, N, SLOTS_B,
+                            UNIFORM_B)  # fmt: skip
 
     @triton.jit
     def _reduce_group(partial_ptr, coef_ptr, out_ptr, group, programs_s, tiles_c, cpg,
-                      K: tl.constexpr, K_PAD: tl.constexpr, SLOTS: tl.constexpr, TILE_W: tl.constexpr,
+                      K: tl.constexpr, K_PAD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_P: tl.constexpr, SIGN: tl.constexpr):  # fmt: skip
         """Sum, in a fixed order and in float64, every partial of ``group``; store d coef[group, :]."""
         ks = tl.arange(0, K_PAD)
         ps = tl.arange(0, BLOCK_P)
         acc = tl.zeros((BLOCK_P, K_PAD), dtype=tl.float64)
         first_col = group * cpg
-        for t in range(first_col // TILE_W, (first_col + cpg - 1) // TILE_W + 1):
-            slot = group - (t * TILE_W) // cpg
+        for t in range(first_col // BLOCK_C, (first_col + cpg - 1) // BLOCK_C + 1):
+            slot = 0 if SLOTS == 1 else group - (t * BLOCK_C) // cpg
             for p0 in range(0, programs_s, BLOCK_P):
                 p = p0 + ps
                 index = ((p[:, None] * tiles_c + t) * SLOTS + slot) * K + ks[None, :]
@@ -306,15 +335,15 @@ if HAS_TRITON:
         partial_a_ptr, a_ptr, da_ptr, partial_b_ptr, b_ptr, db_ptr,
         groups_a, programs_s, tiles_c, cpg_a, cpg_b,
         M: tl.constexpr, N: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr,
-        SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, TILE_W: tl.constexpr, BLOCK_P: tl.constexpr,
+        SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):  # fmt: skip
         group = tl.program_id(0)
         if group < groups_a:
             _reduce_group(partial_a_ptr, a_ptr, da_ptr, group, programs_s, tiles_c, cpg_a,
-                          M + 1, MP, SLOTS_A, TILE_W, BLOCK_P, False)  # fmt: skip
+                          M + 1, MP, SLOTS_A, BLOCK_C, BLOCK_P, False)  # fmt: skip
         else:
             _reduce_group(partial_b_ptr, b_ptr, db_ptr, group - groups_a, programs_s, tiles_c, cpg_b,
-                          N, NP, SLOTS_B, TILE_W, BLOCK_P, True)  # fmt: skip
+                          N, NP, SLOTS_B, BLOCK_C, BLOCK_P, True)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,19 +388,14 @@ def _safe_limit(m: int, n: int) -> float:
     return float(2.0 ** (96 // max(m, n, 1)))
 
 
-def _uniform_width(cpg_a: int, cpg_b: int, max_width: int) -> int | None:
-    """Columns per tile such that every tile lies in one numerator and one denominator group.
-
-    A power of two when one of at least 16 divides both group widths (full, aligned lanes);
-    else the largest common divisor up to ``max_width``, padded to a power of two in the kernel;
-    None when that is under 8 columns (narrow groups use per-column coefficient vectors).
-    """
+def _tile_width(D: int, cpg_a: int, cpg_b: int) -> int:
+    """Columns per tile: a power of two, chosen so that as many coefficient sets as possible are
+    uniform over a tile (all its columns in one group), preferring wide tiles (whole cache lines)."""
     common = math.gcd(cpg_a, cpg_b)
-    pow2 = min(common & -common, max_width)
-    if pow2 >= 16:
-        return pow2
-    width = max(w for w in range(1, min(common, max_width) + 1) if common % w == 0)
-    return width if width >= 8 else None
+    both_uniform = min(common & -common, 64)  # largest power of two dividing both group widths
+    if both_uniform >= 32:
+        return both_uniform
+    return min(_next_pow2(D), 64)
 
 
 def _group_slots(width: int, cpg: int) -> int:
@@ -394,30 +418,31 @@ class _Config:
 
     def __init__(self, S, D, inner, dtype, m, n, groups_a, groups_b, device_index, backward):
         self.cpg_a, self.cpg_b = D // groups_a, D // groups_b
-        width = _uniform_width(self.cpg_a, self.cpg_b, 64)
-        self.uniform = width is not None
-        if not self.uniform:
-            width = min(_next_pow2(D), 32)
-        self.tile_w = width
-        self.block_c = _next_pow2(width)
+        self.block_c = _tile_width(D, self.cpg_a, self.cpg_b) if inner == 1 else min(_next_pow2(D), 16)
+        self.uniform_a = groups_a == 1 or self.cpg_a % self.block_c == 0
+        self.uniform_b = groups_b == 1 or self.cpg_b % self.block_c == 0
+        self.slots_a = 1 if self.uniform_a else _group_slots(self.block_c, self.cpg_a)
+        self.slots_b = 1 if self.uniform_b else _group_slots(self.block_c, self.cpg_b)
         elements = _TUNING["backward_elements" if backward else "forward_elements"]
         self.block_s = max(elements // self.block_c, 1)
         self.num_warps = _TUNING["num_warps"]
-        self.tiles_c = triton.cdiv(D, width)
+        self.tiles_c = triton.cdiv(D, self.block_c)
         waves = _TUNING["backward_waves" if backward else "forward_waves"]
         wanted = max(_programs_per_wave(device_index) * waves // self.tiles_c, 1)
         self.programs_s = max(min(wanted, triton.cdiv(S, self.block_s)), 1)
-        self.slots_a = 1 if self.uniform else _group_slots(width, self.cpg_a)
-        self.slots_b = 1 if self.uniform else _group_slots(width, self.cpg_b)
+        self.even = S % self.block_s == 0 and D % self.block_c == 0
         self.compute = tl.float64 if dtype == torch.float64 else tl.float32
         self.index_64 = S * D >= _INDEX_64_FROM
-        # float64 arithmetic never needs the float64 branch
+        # PTX's fast reciprocal on NVIDIA GPUs; the interpreter (and ROCm) divide
+        self.fast = device_index >= 0 and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+        # float64 arithmetic never needs the float64 redo
         self.safe_limit = float("inf") if dtype == torch.float64 else _safe_limit(m, n)
 
     def meta(self) -> dict:
         """The constexpr arguments both kernels share."""
-        return dict(BLOCK_S=self.block_s, BLOCK_C=self.block_c, TILE_W=self.tile_w, UNIFORM=self.uniform,
-                    COMPUTE=self.compute, INDEX_64=self.index_64, num_warps=self.num_warps)  # fmt: skip
+        return dict(BLOCK_S=self.block_s, BLOCK_C=self.block_c, UNIFORM_A=self.uniform_a, UNIFORM_B=self.uniform_b,
+                    EVEN=self.even, COMPUTE=self.compute, INDEX_64=self.index_64, FAST=self.fast,
+                    num_warps=self.num_warps)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=512)
@@ -471,13 +496,13 @@ def triton_backward(
     _backward_kernel[(cfg.programs_s, cfg.tiles_c)](
         x, grad_output, dx, numerator, denominator, partial_a, partial_b,
         S, D, inner, cfg.cpg_a, cfg.cpg_b, cfg.safe_limit,
-        M=m, N=n, SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, ACCUMULATE=cfg.compute, **cfg.meta(),
+        M=m, N=n, SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, **cfg.meta(),
     )  # fmt: skip
     _reduce_kernel[(groups_a + (groups_b if n > 0 else 0),)](
         partial_a, numerator, da, partial_b, denominator, db,
         groups_a, cfg.programs_s, cfg.tiles_c, cfg.cpg_a, cfg.cpg_b,
         M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)),
-        SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, TILE_W=cfg.tile_w, BLOCK_P=64,
+        SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, BLOCK_C=cfg.block_c, BLOCK_P=64,
     )  # fmt: skip
     return dx, da, db
 
