@@ -159,9 +159,10 @@ def test_public_function_matches_reference_and_differentiates():
 def test_opcheck(device):
     x = torch.randn(3, 5, 16, device=device, requires_grad=True)
     a, b = (t.to(device).requires_grad_() for t in random_coefficients(1, 8, (5, 4)))
-    torch.library.opcheck(torch.ops.flashkat.group_rational.default, (x, a, b, -1))
+    torch.library.opcheck(torch.ops.flashkat.group_rational.default, (x, a, b, -1, "flashkat"))
     g = torch.randn(3, 5, 16, device=device)
-    torch.library.opcheck(torch.ops.flashkat.group_rational_backward.default, (g, x.detach(), a.detach(), b.detach(), -1))
+    args = (g, x.detach(), a.detach(), b.detach(), -1, "flashkat")
+    torch.library.opcheck(torch.ops.flashkat.group_rational_backward.default, args)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -221,6 +222,8 @@ def test_bad_inputs_name_what_was_passed():
         flashkat.group_rational(torch.randn(4, 32), a, b, dim=3)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         flashkat.group_rational([1.0, 2.0], a, b)
+    with pytest.raises(ValueError, match="impl must be.*'nope'"):
+        flashkat.group_rational(torch.randn(4, 32), a, b, impl="nope")
     with pytest.raises(ValueError, match="grad_output shape"):
         op.triton_backward(torch.randn(4, 16), torch.randn(4, 32), a, b)
 

@@ -18,6 +18,8 @@ class GroupRational(nn.Module):
         order: (m, n), the degrees of P and Q.
         numerator_groups: numerator groups (KAT: 1, one numerator shared by every channel).
         dim: the channel dimension of the input (``-1`` for tokens, ``1`` for ``[B, C, H, W]``).
+        impl: backward kernel on CUDA, "flashkat" or the baselines "blocked"/"atomic" (for
+            measurement; see ``flashkat.group_rational``). A plain attribute: change it any time.
 
     Parameters ``weight_numerator (numerator_groups, m+1)`` and ``weight_denominator
     (num_groups, n)`` carry KAT's names and shapes, so KAT state dicts load unchanged. The
@@ -31,6 +33,7 @@ class GroupRational(nn.Module):
         order: tuple[int, int] = (5, 4),
         numerator_groups: int = 1,
         dim: int = -1,
+        impl: str = "flashkat",
     ) -> None:
         super().__init__()
         if num_groups < 1 or numerator_groups < 1:
@@ -38,13 +41,14 @@ class GroupRational(nn.Module):
                              f"numerator_groups={numerator_groups}")  # fmt: skip
         fit = initial_coefficients(mode, tuple(order))
         self.mode, self.order, self.dim, self.gain = mode, (len(fit.numerator) - 1, len(fit.denominator)), dim, fit.gain
+        self.impl = impl
         numerator = torch.tensor(fit.numerator, dtype=torch.float32)
         denominator = torch.tensor(fit.denominator, dtype=torch.float32).reshape(-1)
         self.weight_numerator = nn.Parameter(numerator.repeat(numerator_groups, 1))
         self.weight_denominator = nn.Parameter(denominator.repeat(num_groups, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_rational(x, self.weight_numerator, self.weight_denominator, self.dim)
+        return group_rational(x, self.weight_numerator, self.weight_denominator, self.dim, self.impl)
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.weight_denominator.shape[0]}, numerator_groups={self.weight_numerator.shape[0]}, "

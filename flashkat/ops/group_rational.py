@@ -512,55 +512,76 @@ def triton_backward(
 # ----------------------------------------------------------------------------------------------
 
 
+# Backward implementations by name. "flashkat" is this file's; "blocked" and "atomic" re-create
+# FlashKAT's and KAT's designs for measurement and teaching (flashkat/ops/baselines.py registers
+# them). On devices without Triton every name runs the reference.
+BACKWARDS = {"flashkat": triton_backward} if HAS_TRITON else {}
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in ("flashkat", "blocked", "atomic"):
+        raise ValueError(f"group_rational: impl must be 'flashkat', 'blocked' or 'atomic', got {impl!r}")
+
+
 @torch.library.custom_op("flashkat::group_rational", mutates_args=())
-def _group_rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int) -> torch.Tensor:
+def _group_rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int, impl: str) -> torch.Tensor:
     return reference.forward(x, numerator, denominator, dim)
 
 
 @torch.library.custom_op("flashkat::group_rational_backward", mutates_args=())
 def _group_rational_backward(
-    grad_output: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int
+    grad_output: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int, impl: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return reference.backward(grad_output, x, numerator, denominator, dim)
 
 
 if HAS_TRITON:
-    _group_rational.register_kernel("cuda")(triton_forward)
-    _group_rational_backward.register_kernel("cuda")(triton_backward)
+
+    @_group_rational.register_kernel("cuda")
+    def _(x, numerator, denominator, dim, impl):
+        return triton_forward(x, numerator, denominator, dim)
+
+    @_group_rational_backward.register_kernel("cuda")
+    def _(grad_output, x, numerator, denominator, dim, impl):
+        return BACKWARDS[impl](grad_output, x, numerator, denominator, dim)
 
 
 @_group_rational.register_fake
-def _(x, numerator, denominator, dim):
+def _(x, numerator, denominator, dim, impl):
     return torch.empty_like(x)
 
 
 @_group_rational_backward.register_fake
-def _(grad_output, x, numerator, denominator, dim):
+def _(grad_output, x, numerator, denominator, dim, impl):
     return torch.empty_like(x), torch.empty_like(numerator), torch.empty_like(denominator)
 
 
 def _setup_context(ctx, inputs, output):
-    x, numerator, denominator, dim = inputs
+    x, numerator, denominator, dim, impl = inputs
     ctx.save_for_backward(x, numerator, denominator)
-    ctx.dim = dim
+    ctx.dim, ctx.impl = dim, impl
 
 
 def _backward(ctx, grad_output):
     x, numerator, denominator = ctx.saved_tensors
-    dx, da, db = _group_rational_backward(grad_output, x, numerator, denominator, ctx.dim)
-    return dx, da, db, None
+    dx, da, db = _group_rational_backward(grad_output, x, numerator, denominator, ctx.dim, ctx.impl)
+    return dx, da, db, None, None
 
 
 _group_rational.register_autograd(_backward, setup_context=_setup_context)
 
 
-def group_rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def group_rational(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int = -1, impl: str = "flashkat"
+) -> torch.Tensor:
     """Apply the group-rational function along ``dim`` (see ``flashkat.reference`` for the math).
 
     ``numerator`` is (Gn, m+1), ``denominator`` (Gd, n); the order (m, n) is read from the shapes
     and the channel count ``x.shape[dim]`` must be divisible by Gn and Gd. CUDA tensors run the
     Triton kernels, others the float64 reference. Differentiable in all three tensors; the output
-    has ``x``'s dtype (no upcast under autocast).
+    has ``x``'s dtype (no upcast under autocast). ``impl`` picks the backward kernel on CUDA:
+    "flashkat" (the default, deterministic) or the baselines "blocked" and "atomic".
     """
     dim = reference.check_args(x, numerator, denominator, dim)
-    return _group_rational(x, numerator, denominator, dim)
+    _check_impl(impl)
+    return _group_rational(x, numerator, denominator, dim, impl)
