@@ -28,3 +28,27 @@ def random_coefficients(groups_n: int, groups_d: int, order: tuple[int, int], de
     a = torch.randn(groups_n, m + 1, generator=gen) / (1 + torch.arange(m + 1))
     b = torch.randn(groups_d, n, generator=gen) / (1 + torch.arange(n))
     return a.to(device), b.to(device)
+
+
+def coefficient_gradient_scale(g, x, a, b, dim=-1):
+    """Sum over elements of |each coefficient-gradient term| (float64, from SPEC.md's formulas).
+
+    Rounding errors of a sum scale with the sum of its terms' magnitudes, not with the sum itself
+    (which cancels for random grad_output), so coefficient gradients are checked against this.
+    """
+    x, g = x.double().movedim(dim, -1), g.double().movedim(dim, -1)
+    D, groups_a, groups_b = x.shape[-1], a.shape[0], b.shape[0]
+    a = a.double().repeat_interleave(D // groups_a, 0)
+    b = b.double().repeat_interleave(D // groups_b, 0)
+    ax = x.abs()
+    p = sum(a[:, i] * x**i for i in range(a.shape[1]))
+    q = 1 + sum(b[:, j].abs() * ax ** (j + 1) for j in range(b.shape[1]))
+    weight = (g / q).abs().reshape(-1, D)
+    f = (p / q).abs().reshape(-1, D)
+    xs = ax.reshape(-1, D)
+    sa = torch.stack([(weight * xs**i).sum(0) for i in range(a.shape[1])], -1)
+    sa = sa.reshape(groups_a, D // groups_a, -1).sum(1)
+    if not b.shape[1]:
+        return sa, None
+    sb = torch.stack([(weight * f * xs ** (j + 1)).sum(0) for j in range(b.shape[1])], -1)
+    return sa, sb.reshape(groups_b, D // groups_b, -1).sum(1)

@@ -72,11 +72,10 @@ if HAS_TRITON:
         return offsets, mask
 
     @triton.jit
-    def _load(ptr, offsets, mask, EVEN: tl.constexpr):
-        if EVEN:  # whole tiles only: no masks, nothing to compute per element
-            return tl.load(ptr + offsets)
-        else:
-            return tl.load(ptr + offsets, mask=mask, other=0.0)
+    def _tile_at(ptr, s0, cols, col_mask, S, D, INNER, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr):
+        """The [BLOCK_S, BLOCK_C] tile at rows s0.., zeros past the end (row masks keep loads vectorised)."""
+        offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
+        return tl.load(ptr + offsets, mask=mask, other=0.0)
 
     @triton.jit
     def _store(ptr, offsets, value, mask, EVEN: tl.constexpr):
@@ -190,27 +189,45 @@ if HAS_TRITON:
         S, D, INNER, cpg_a, cpg_b, safe_limit,
         M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
         UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
-        COMPUTE: tl.constexpr, INDEX_64: tl.constexpr, FAST: tl.constexpr,
+        COMPUTE: tl.constexpr, INDEX_64: tl.constexpr, FAST: tl.constexpr, AHEAD: tl.constexpr,
     ):  # fmt: skip
         cols, col_mask, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, BLOCK_C, UNIFORM_A, UNIFORM_B,
                                                  INDEX_64)  # fmt: skip
         a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
         b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM_B)
         largest = tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE)  # max |x| seen, for the range check
-        for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
-            offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
-            x = _load(x_ptr, offsets, mask, EVEN).to(COMPUTE)
+        start, step = tl.program_id(0) * BLOCK_S, tl.num_programs(0) * BLOCK_S
+        x_ahead = _tile_at(x_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+        if AHEAD == 2:
+            x_ahead2 = _tile_at(x_ptr, start + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+        for s0 in range(start, S, step):
+            # Tiles are loaded AHEAD iterations before their use, so that memory latency overlaps work.
+            x = x_ahead.to(COMPUTE)
+            if AHEAD == 2:
+                x_ahead = x_ahead2
+                x_ahead2 = _tile_at(x_ptr, s0 + 2 * step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+            else:
+                x_ahead = _tile_at(x_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
             largest = tl.maximum(largest, tl.abs(x))
+            offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
             _store(y_ptr, offsets, _rational_value(x, a, b, M, N, y_ptr.dtype.element_ty, FAST), mask, EVEN)
         if tl.max(largest) > safe_limit:  # rare: redo this program's elements in float64
-            tl.debug_barrier()  # the stores above come first
-            a64 = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
-            b64 = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM_B)
-            for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
-                for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):  # a row at a time: few registers
-                    offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
-                    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-                    tl.store(y_ptr + offsets, _rational_value(x, a64, b64, M, N, y_ptr.dtype.element_ty, False), mask=mask)
+            _redo_forward_in_float64(x_ptr, y_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b, S, D, INNER,
+                                     M, N, BLOCK_S, UNIFORM_A, UNIFORM_B, INDEX_64)  # fmt: skip
+
+    @triton.jit
+    def _redo_forward_in_float64(x_ptr, y_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b, S, D, INNER,
+                                 M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, UNIFORM_A: tl.constexpr,
+                                 UNIFORM_B: tl.constexpr, INDEX_64: tl.constexpr):  # fmt: skip
+        """Overwrite this program's outputs with a float64 evaluation, a row at a time (few registers)."""
+        tl.debug_barrier()  # the main loop's stores come first
+        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
+        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM_B)
+        for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
+            for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):
+                offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                tl.store(y_ptr + offsets, _rational_value(x, a, b, M, N, y_ptr.dtype.element_ty, False), mask=mask)
 
     @triton.jit
     def _column_sums(t, UNIFORM: tl.constexpr):
@@ -256,7 +273,7 @@ if HAS_TRITON:
         M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
         UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
         SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, COMPUTE: tl.constexpr, INDEX_64: tl.constexpr,
-        FAST: tl.constexpr,
+        FAST: tl.constexpr, AHEAD: tl.constexpr,
     ):  # fmt: skip
         DX: tl.constexpr = dx_ptr.dtype.element_ty
         pid_c = tl.program_id(1)
@@ -269,12 +286,26 @@ if HAS_TRITON:
         for k in tl.static_range(M + 1 + N):
             acc = acc + (tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE),)
         largest = tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE)  # max |x| seen, for the range check
-        for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
-            offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
-            x = _load(x_ptr, offsets, mask, EVEN).to(COMPUTE)
-            g = _load(g_ptr, offsets, mask, EVEN).to(COMPUTE)  # masked: g = 0, so every term is 0
+        start, step = tl.program_id(0) * BLOCK_S, tl.num_programs(0) * BLOCK_S
+        x_ahead = _tile_at(x_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+        g_ahead = _tile_at(g_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+        if AHEAD == 2:
+            x_ahead2 = _tile_at(x_ptr, start + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+            g_ahead2 = _tile_at(g_ptr, start + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+        for s0 in range(start, S, step):
+            # Tiles are loaded AHEAD iterations before their use, so that memory latency overlaps work.
+            x = x_ahead.to(COMPUTE)
+            g = g_ahead.to(COMPUTE)  # masked: g = 0, so every term is 0
+            if AHEAD == 2:
+                x_ahead, g_ahead = x_ahead2, g_ahead2
+                x_ahead2 = _tile_at(x_ptr, s0 + 2 * step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+                g_ahead2 = _tile_at(g_ptr, s0 + 2 * step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+            else:
+                x_ahead = _tile_at(x_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+                g_ahead = _tile_at(g_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
             largest = tl.maximum(largest, tl.abs(x))
             dx, terms = _rational_grads(x, g, a, b, M, N, DX, COMPUTE, FAST)
+            offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
             _store(dx_ptr, offsets, dx, mask, EVEN)
             new_acc = ()
             for k in tl.static_range(M + 1 + N):
@@ -283,22 +314,8 @@ if HAS_TRITON:
         sums = _sum_terms(acc, M, N, UNIFORM_A, UNIFORM_B)  # float64 partials: few, exact to add up
 
         if tl.max(largest) > safe_limit:  # rare: redo this program's elements in float64
-            tl.debug_barrier()  # the dx stores above come first
-            a64 = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
-            b64 = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM_B)
-            sums = _sum_terms(_zero_terms(M, N, BLOCK_C), M, N, UNIFORM_A, UNIFORM_B)
-            for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
-                for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):  # a row at a time: few registers
-                    offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
-                    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-                    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-                    dx, terms = _rational_grads(x, g, a64, b64, M, N, DX, tl.float64, False)
-                    tl.store(dx_ptr + offsets, dx, mask=mask)
-                    row_sums = _sum_terms(terms, M, N, UNIFORM_A, UNIFORM_B)
-                    new_sums = ()
-                    for k in tl.static_range(M + 1 + N):
-                        new_sums = new_sums + (sums[k] + row_sums[k],)
-                    sums = new_sums
+            sums = _redo_backward_in_float64(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b,
+                                             S, D, INNER, M, N, BLOCK_S, BLOCK_C, UNIFORM_A, UNIFORM_B, INDEX_64)  # fmt: skip
 
         # Once per program: one value per (group slot, coefficient), with plain stores.
         tile = tl.program_id(0) * tl.num_programs(1) + pid_c
@@ -309,21 +326,49 @@ if HAS_TRITON:
                             UNIFORM_B)  # fmt: skip
 
     @triton.jit
+    def _redo_backward_in_float64(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b, S, D, INNER,
+                                  M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                                  UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, INDEX_64: tl.constexpr):  # fmt: skip
+        """Overwrite this program's dx with a float64 evaluation and return its float64 column sums,
+        a row at a time (few registers)."""
+        tl.debug_barrier()  # the main loop's dx stores come first
+        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
+        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM_B)
+        sums = _sum_terms(_zero_terms(M, N, BLOCK_C), M, N, UNIFORM_A, UNIFORM_B)
+        for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
+            for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):
+                offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                dx, terms = _rational_grads(x, g, a, b, M, N, dx_ptr.dtype.element_ty, tl.float64, False)
+                tl.store(dx_ptr + offsets, dx, mask=mask)
+                row_sums = _sum_terms(terms, M, N, UNIFORM_A, UNIFORM_B)
+                new_sums = ()
+                for k in tl.static_range(M + 1 + N):
+                    new_sums = new_sums + (sums[k] + row_sums[k],)
+                sums = new_sums
+        return sums
+
+    @triton.jit
     def _reduce_group(partial_ptr, coef_ptr, out_ptr, group, programs_s, tiles_c, cpg,
                       K: tl.constexpr, K_PAD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_P: tl.constexpr, SIGN: tl.constexpr):  # fmt: skip
-        """Sum, in a fixed order and in float64, every partial of ``group``; store d coef[group, :]."""
+        """Sum, in a fixed order and in float64, every partial of ``group``; store d coef[group, :].
+
+        The (program, tile) pairs holding the group's partials are visited BLOCK_P at a time, so a
+        group spread over many tiles (a shared numerator) costs a few loads, not one per tile.
+        """
         ks = tl.arange(0, K_PAD)
-        ps = tl.arange(0, BLOCK_P)
+        first_tile = (group * cpg) // BLOCK_C
+        tiles = ((group + 1) * cpg - 1) // BLOCK_C - first_tile + 1
         acc = tl.zeros((BLOCK_P, K_PAD), dtype=tl.float64)
-        first_col = group * cpg
-        for t in range(first_col // BLOCK_C, (first_col + cpg - 1) // BLOCK_C + 1):
-            slot = 0 if SLOTS == 1 else group - (t * BLOCK_C) // cpg
-            for p0 in range(0, programs_s, BLOCK_P):
-                p = p0 + ps
-                index = ((p[:, None] * tiles_c + t) * SLOTS + slot) * K + ks[None, :]
-                mask = (p < programs_s)[:, None] & (ks < K)[None, :]
-                acc += tl.load(partial_ptr + index, mask=mask, other=0.0)
+        for i0 in range(0, programs_s * tiles, BLOCK_P):
+            i = i0 + tl.arange(0, BLOCK_P)
+            t = first_tile + i % tiles
+            slot = group - (t * BLOCK_C) // cpg if SLOTS > 1 else 0
+            index = (((i // tiles) * tiles_c + t) * SLOTS + slot)[:, None] * K + ks[None, :]
+            mask = (i < programs_s * tiles)[:, None] & (ks < K)[None, :]
+            acc += tl.load(partial_ptr + index, mask=mask, other=0.0)
         total = tl.sum(acc, axis=0)
         if SIGN:  # d/dB carries sign(B), with sign(0) = +1
             coef = tl.load(coef_ptr + group * K + ks, mask=ks < K, other=0.0)
@@ -410,7 +455,8 @@ def _group_slots(width: int, cpg: int) -> int:
 _INDEX_64_FROM = 2**31 - 1  # element count from which offsets are computed in int64
 
 # Tile sizes and grid occupancy; the defaults were chosen by measurement (docs/BENCHMARKS.md).
-_TUNING = dict(forward_elements=1024, backward_elements=512, num_warps=4, forward_waves=8, backward_waves=4)
+_TUNING = dict(forward_elements=1024, backward_elements=512, num_warps=4, forward_waves=8, backward_waves=4,
+               forward_ahead=1, backward_ahead=1, backward_maxnreg=80, backward_capped_waves=6)  # fmt: skip
 
 
 class _Config:
@@ -426,8 +472,12 @@ class _Config:
         elements = _TUNING["backward_elements" if backward else "forward_elements"]
         self.block_s = max(elements // self.block_c, 1)
         self.num_warps = _TUNING["num_warps"]
+        self.ahead = _TUNING["backward_ahead" if backward else "forward_ahead"]
         self.tiles_c = triton.cdiv(D, self.block_c)
-        waves = _TUNING["backward_waves" if backward else "forward_waves"]
+        # a register cap buys more resident programs per SM where nothing spills (uniform tiles)
+        self.capped = backward and self.uniform_a and self.uniform_b and bool(_TUNING["backward_maxnreg"])
+        self.launch = dict(num_warps=self.num_warps, **({"maxnreg": _TUNING["backward_maxnreg"]} if self.capped else {}))
+        waves = _TUNING["backward_capped_waves" if self.capped else "backward_waves" if backward else "forward_waves"]
         wanted = max(_programs_per_wave(device_index) * waves // self.tiles_c, 1)
         self.programs_s = max(min(wanted, triton.cdiv(S, self.block_s)), 1)
         self.even = S % self.block_s == 0 and D % self.block_c == 0
@@ -442,7 +492,7 @@ class _Config:
         """The constexpr arguments both kernels share."""
         return dict(BLOCK_S=self.block_s, BLOCK_C=self.block_c, UNIFORM_A=self.uniform_a, UNIFORM_B=self.uniform_b,
                     EVEN=self.even, COMPUTE=self.compute, INDEX_64=self.index_64, FAST=self.fast,
-                    num_warps=self.num_warps)  # fmt: skip
+                    AHEAD=self.ahead, **self.launch)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=512)
@@ -502,7 +552,7 @@ def triton_backward(
         partial_a, numerator, da, partial_b, denominator, db,
         groups_a, cfg.programs_s, cfg.tiles_c, cfg.cpg_a, cfg.cpg_b,
         M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)),
-        SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, BLOCK_C=cfg.block_c, BLOCK_P=64,
+        SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, BLOCK_C=cfg.block_c, BLOCK_P=256,
     )  # fmt: skip
     return dx, da, db
 
