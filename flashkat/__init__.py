@@ -9,6 +9,7 @@ Public API:
 from flashkat import reference
 from flashkat.layers import GroupRational
 from flashkat.ops.group_rational import group_rational
+import flashkat.ops.baselines  # noqa: F401,E402  (registers the "blocked" and "atomic" backwards)
 
 __version__ = "0.1.0"
 __all__ = ["GroupRational", "group_rational", "reference", "__version__"]

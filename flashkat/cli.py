@@ -13,6 +13,10 @@ import sys
 COMMANDS = {
     "fit": ("flashkat.fitting", "fit the initial rational coefficients of an activation"),
     "bench": ("flashkat.bench", "time kernels and models against their floors"),
+    "train": ("flashkat.train", "train a KAT (default: a small one on sklearn's digits, CPU-friendly)"),
+    "validate": ("flashkat.validate", "top-1/top-5 of a checkpoint or pretrained model on a dataset"),
+    "plot": ("flashkat.plot", "draw every learned rational function of a checkpoint to PNG"),
+    "analyze": ("flashkat.analyze", "the paper's analysis (slowdown, FLOPs, rounding, ncu) as a report"),
 }
 
 

@@ -166,7 +166,8 @@ def test_public_function_matches_reference_and_differentiates():
 def test_opcheck(device):
     x = torch.randn(3, 5, 16, device=device, requires_grad=True)
     a, b = (t.to(device).requires_grad_() for t in random_coefficients(1, 8, (5, 4)))
-    torch.library.opcheck(torch.ops.flashkat.group_rational.default, (x, a, b, -1, "flashkat"))
+    torch.library.opcheck(torch.ops.flashkat.group_rational.default, (x, a, b, -1, "flashkat", None))
+    torch.library.opcheck(torch.ops.flashkat.group_rational.default, (x, a, b, -1, "flashkat", torch.bfloat16))
     g = torch.randn(3, 5, 16, device=device)
     args = (g, x.detach(), a.detach(), b.detach(), -1, "flashkat")
     torch.library.opcheck(torch.ops.flashkat.group_rational_backward.default, args)
@@ -265,3 +266,22 @@ def test_more_than_2_pow_31_elements():
     rdx, rda, rdb = reference.backward(g[tail].double(), x[tail].double(), a.double(), b.double())
     assert rel_l2(dx[tail], rdx) < OUT_TOL[torch.bfloat16]
     assert rel_l2(da, rda) < 1e-5 and rel_l2(db, rdb) < 1e-5
+
+
+def test_out_dtype_stores_the_result_in_another_dtype():
+    """A float32 input stored straight to bfloat16; its gradient still comes back in float32."""
+    x = torch.randn(4, 9, 64, device=DEVICE, requires_grad=True)
+    a, b = (t.requires_grad_() for t in random_coefficients(1, 8, (5, 4)))
+    y = flashkat.group_rational(x, a, b, out_dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    expected = reference.forward(x.detach().double(), a.detach().double(), b.detach().double())
+    assert rel_l2(y.detach(), expected) < 4e-3
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert x.grad.dtype == torch.float32
+    rdx, _, _ = reference.backward(g.double(), x.detach().double(), a.detach().double(), b.detach().double())
+    assert rel_l2(x.grad, rdx) < 2e-6
+    y_kernel = op.triton_forward(x.detach(), a.detach(), b.detach(), out_dtype=torch.bfloat16)
+    assert y_kernel.dtype == torch.bfloat16 and rel_l2(y_kernel, expected) < 4e-3
+    with pytest.raises(TypeError, match="out_dtype"):
+        flashkat.group_rational(x, a, b, out_dtype=torch.int32)

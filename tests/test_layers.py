@@ -49,3 +49,12 @@ def test_bad_arguments():
         flashkat.GroupRational(num_groups=0)
     with pytest.raises(ValueError):
         flashkat.GroupRational(mode="no-such-activation")
+
+
+def test_follow_autocast_stores_the_autocast_dtype():
+    layer = flashkat.GroupRational(num_groups=8, mode="identity", follow_autocast=True).to(DEVICE)
+    plain = flashkat.GroupRational(num_groups=8, mode="identity").to(DEVICE)
+    x = torch.randn(4, 64, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16 and plain(x).dtype == torch.float32
+    assert torch.equal(layer(x), x)  # outside autocast: the input's dtype

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SUITES = {"kernels": "flashkat.bench.kernels"}
+SUITES = {"kernels": "flashkat.bench.kernels", "model": "flashkat.bench.model"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

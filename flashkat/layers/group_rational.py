@@ -20,6 +20,9 @@ class GroupRational(nn.Module):
         dim: the channel dimension of the input (``-1`` for tokens, ``1`` for ``[B, C, H, W]``).
         impl: backward kernel on CUDA, "flashkat" or the baselines "blocked"/"atomic" (for
             measurement; see ``flashkat.group_rational``). A plain attribute: change it any time.
+        follow_autocast: under autocast, store the output in the autocast dtype rather than the
+            input's (for a layer whose output feeds a matmul, which would cast it anyway: this
+            saves that cast's pass over memory, forward and backward).
 
     Parameters ``weight_numerator (numerator_groups, m+1)`` and ``weight_denominator
     (num_groups, n)`` carry KAT's names and shapes, so KAT state dicts load unchanged. The
@@ -34,6 +37,7 @@ class GroupRational(nn.Module):
         numerator_groups: int = 1,
         dim: int = -1,
         impl: str = "flashkat",
+        follow_autocast: bool = False,
     ) -> None:
         super().__init__()
         if num_groups < 1 or numerator_groups < 1:
@@ -41,14 +45,17 @@ class GroupRational(nn.Module):
                              f"numerator_groups={numerator_groups}")  # fmt: skip
         fit = initial_coefficients(mode, tuple(order))
         self.mode, self.order, self.dim, self.gain = mode, (len(fit.numerator) - 1, len(fit.denominator)), dim, fit.gain
-        self.impl = impl
+        self.impl, self.follow_autocast = impl, follow_autocast
         numerator = torch.tensor(fit.numerator, dtype=torch.float32)
         denominator = torch.tensor(fit.denominator, dtype=torch.float32).reshape(-1)
         self.weight_numerator = nn.Parameter(numerator.repeat(numerator_groups, 1))
         self.weight_denominator = nn.Parameter(denominator.repeat(num_groups, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_rational(x, self.weight_numerator, self.weight_denominator, self.dim, self.impl)
+        out_dtype = None
+        if self.follow_autocast and torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        return group_rational(x, self.weight_numerator, self.weight_denominator, self.dim, self.impl, out_dtype)
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.weight_denominator.shape[0]}, numerator_groups={self.weight_numerator.shape[0]}, "

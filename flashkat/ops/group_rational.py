@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import Optional
 
 import torch
 
@@ -504,11 +505,18 @@ def _device_index(t: torch.Tensor) -> int:
     return t.device.index if t.is_cuda else -1
 
 
-def triton_forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """F(x) by the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+def triton_forward(
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    dim: int = -1,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """F(x) by the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), stored
+    in ``out_dtype`` (default: x's dtype)."""
     dim = reference.check_args(x, numerator, denominator, dim)
     x, (S, D, inner) = _as_dense(x, dim)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
     if x.numel() == 0:
         return y
     m, n = numerator.shape[1] - 1, denominator.shape[1]
@@ -574,8 +582,10 @@ def _check_impl(impl: str) -> None:
 
 
 @torch.library.custom_op("flashkat::group_rational", mutates_args=())
-def _group_rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int, impl: str) -> torch.Tensor:
-    return reference.forward(x, numerator, denominator, dim)
+def _group_rational(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int, impl: str, out_dtype: Optional[torch.dtype]
+) -> torch.Tensor:
+    return reference.forward(x, numerator, denominator, dim).to(out_dtype or x.dtype)
 
 
 @torch.library.custom_op("flashkat::group_rational_backward", mutates_args=())
@@ -588,8 +598,8 @@ def _group_rational_backward(
 if HAS_TRITON:
 
     @_group_rational.register_kernel("cuda")
-    def _(x, numerator, denominator, dim, impl):
-        return triton_forward(x, numerator, denominator, dim)
+    def _(x, numerator, denominator, dim, impl, out_dtype):
+        return triton_forward(x, numerator, denominator, dim, out_dtype)
 
     @_group_rational_backward.register_kernel("cuda")
     def _(grad_output, x, numerator, denominator, dim, impl):
@@ -597,8 +607,8 @@ if HAS_TRITON:
 
 
 @_group_rational.register_fake
-def _(x, numerator, denominator, dim, impl):
-    return torch.empty_like(x)
+def _(x, numerator, denominator, dim, impl, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype or x.dtype)
 
 
 @_group_rational_backward.register_fake
@@ -607,7 +617,7 @@ def _(grad_output, x, numerator, denominator, dim, impl):
 
 
 def _setup_context(ctx, inputs, output):
-    x, numerator, denominator, dim, impl = inputs
+    x, numerator, denominator, dim, impl, out_dtype = inputs
     ctx.save_for_backward(x, numerator, denominator)
     ctx.dim, ctx.impl = dim, impl
 
@@ -615,23 +625,32 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_output):
     x, numerator, denominator = ctx.saved_tensors
     dx, da, db = _group_rational_backward(grad_output, x, numerator, denominator, ctx.dim, ctx.impl)
-    return dx, da, db, None, None
+    return dx, da, db, None, None, None
 
 
 _group_rational.register_autograd(_backward, setup_context=_setup_context)
 
 
 def group_rational(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int = -1, impl: str = "flashkat"
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    dim: int = -1,
+    impl: str = "flashkat",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Apply the group-rational function along ``dim`` (see ``flashkat.reference`` for the math).
 
     ``numerator`` is (Gn, m+1), ``denominator`` (Gd, n); the order (m, n) is read from the shapes
     and the channel count ``x.shape[dim]`` must be divisible by Gn and Gd. CUDA tensors run the
-    Triton kernels, others the float64 reference. Differentiable in all three tensors; the output
-    has ``x``'s dtype (no upcast under autocast). ``impl`` picks the backward kernel on CUDA:
-    "flashkat" (the default, deterministic) or the baselines "blocked" and "atomic".
+    Triton kernels, others the float64 reference. Differentiable in all three tensors. The output
+    has ``x``'s dtype (no upcast under autocast) unless ``out_dtype`` names another: storing the
+    result of a float32 input directly in bfloat16 saves the cast a following matmul would do.
+    ``impl`` picks the backward kernel on CUDA: "flashkat" (the default, deterministic) or the
+    baselines "blocked" and "atomic".
     """
     dim = reference.check_args(x, numerator, denominator, dim)
     _check_impl(impl)
-    return _group_rational(x, numerator, denominator, dim, impl)
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise TypeError(f"group_rational: out_dtype must be a floating-point dtype, got {out_dtype}")
+    return _group_rational(x, numerator, denominator, dim, impl, out_dtype)

@@ -1,0 +1,201 @@
+"""``flashkat bench model``: training-step throughput of KAT next to the same-size timm ViT.
+
+One training step = forward, cross-entropy, backward and an AdamW step on a random batch under
+autocast (bf16, or fp16 with a GradScaler), for ``kat_{size}_patch16_224`` (registered in timm
+by ``flashkat.models``) with each backward implementation, and for timm's
+``vit_{size}_patch16_224`` with the same batch, dtype, optimizer and mode. Throughput is the
+batch over the median step time after warm-up; "vs_vit" is KAT's over the ViT's.
+
+Modes: ``eager``, and ``compile``: ``torch.compile`` applied to each transformer block
+("regional" compilation: the blocks share their code, so one compilation serves all of them
+and a model compiles in seconds rather than a minute); patch embedding and head stay eager.
+
+The ``atomic`` implementation (KAT's design) is about 100x slower: it is opt-in (``--impls``)
+and runs ``--atomic-steps`` timed steps only. On the CPU the op runs the float64 reference for
+every implementation, so one KAT row ("cpu-reference") is timed, on a small configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import flashkat.ops.baselines  # noqa: F401  (registers the "blocked" and "atomic" backwards)
+from flashkat.bench.harness import environment, markdown_table, write_results
+
+SIZES = ("tiny", "small", "base")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_LABEL = "cpu-reference"
+# A model small enough for a CPU (and CI): 32 px images in 8 px patches, 2 blocks.
+CPU_MODEL_ARGS = {"img_size": 32, "patch_size": 8, "depth": 2}
+
+
+def model_names(size: str) -> tuple[str, str]:
+    """(KAT, ViT) timm model names of one size."""
+    return f"kat_{size}_patch16_224", f"vit_{size}_patch16_224"
+
+
+def create_model(name: str, device: str, model_args: dict) -> torch.nn.Module:
+    """A timm model (KAT ones registered by ``flashkat.models``), built directly on ``device``."""
+    import timm
+
+    if name.startswith("kat_"):
+        try:
+            import flashkat.models  # noqa: F401  (registers the KAT models in timm)
+        except ModuleNotFoundError:
+            if not timm.is_model(name):
+                raise
+    with torch.device(device):
+        return timm.create_model(name, pretrained=False, **model_args)
+
+
+def set_impl(model: torch.nn.Module, impl: str) -> int:
+    """Point every GroupRational of ``model`` at backward ``impl``; returns how many there are."""
+    from flashkat.layers import GroupRational
+
+    layers = [m for m in model.modules() if isinstance(m, GroupRational)]
+    for layer in layers:
+        layer.impl = impl
+    return len(layers)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place (the whole model when it has no ``blocks``)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        model.compile()
+        return
+    for block in blocks:
+        block.compile()
+
+
+def train_throughput(
+    name: str, impl: str | None, dtype: torch.dtype, mode: str, batch: int, device: str,
+    warmup: int, steps: int, model_args: dict, seed: int = 0,
+) -> dict:  # fmt: skip
+    """Median training-step time and images/s of one model, implementation, dtype and mode."""
+    torch.manual_seed(seed)
+    if mode == "compile":
+        torch._dynamo.reset()  # fresh caches: no recompile limit hit across configurations
+    model = create_model(name, device, model_args)
+    if impl is not None and impl != CPU_LABEL:
+        if set_impl(model, impl) == 0:
+            raise RuntimeError(f"bench model: {name} has no GroupRational layers to set impl={impl!r} on")
+    if mode == "compile":
+        compile_blocks(model)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device == "cuda")
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    size = model.patch_embed.img_size if hasattr(model, "patch_embed") else (224, 224)
+    images = torch.randn(batch, 3, *size, device=device)
+    labels = torch.randint(0, model.num_classes, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device_type=device, dtype=dtype):
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def timed() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    first = timed()  # compiles kernels (and the blocks, in compile mode)
+    for _ in range(max(warmup - 1, 0)):
+        timed()
+    samples = [timed() for _ in range(steps)]
+    step_s = statistics.median(samples)
+    row = {"model": name, "impl": impl or "-", "dtype": str(dtype).replace("torch.", ""), "mode": mode,
+           "batch": batch, "img_size": size[0], "steps": steps, "step_ms": step_s * 1000,
+           "images_per_s": batch / step_s, "first_step_s": first}  # fmt: skip
+    del model, optimizer, scaler, images, labels
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def benchmark(
+    sizes: list[str], impls: list[str], dtypes: list[str], modes: list[str], batch: int, device: str,
+    warmup: int, steps: int, atomic_steps: int, model_args: dict, desc: str = "bench model",
+) -> list[dict]:  # fmt: skip
+    """ViT and KAT (each implementation) rows for every size, dtype and mode, with KAT's ratio to the ViT."""
+    cases = [(s, d, m, i) for s in sizes for d in dtypes for m in modes for i in [None, *impls]]
+    rows, vit = [], {}
+    for size, dtype, mode, impl in tqdm(cases, desc=desc, unit="config"):
+        kat_name, vit_name = model_names(size)
+        name = vit_name if impl is None else kat_name
+        count = atomic_steps if impl == "atomic" else steps
+        row = {"size": size, **train_throughput(name, impl, DTYPES[dtype], mode, batch, device, warmup, count, model_args)}
+        if impl is None:
+            vit[size, dtype, mode] = row["images_per_s"]
+        else:
+            row["vs_vit"] = row["images_per_s"] / vit[size, dtype, mode]
+        rows.append(row)
+    return rows
+
+
+def parse_model_args(items: list[str] | None, device: str) -> dict:
+    """``key=value`` overrides for timm.create_model (ints where they parse); CPU default: a tiny model."""
+    if items is None:
+        return dict(CPU_MODEL_ARGS) if device != "cuda" else {}
+    args = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        args[key] = int(value) if value.lstrip("-").isdigit() else value
+    return args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", nargs="+", choices=SIZES, help="model sizes (default: all on a GPU, tiny on the CPU)")
+    parser.add_argument("--impls", nargs="+", choices=["flashkat", "blocked", "atomic"],
+                        help="backward implementations (default: flashkat blocked; atomic is opt-in)")  # fmt: skip
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compile"], help="default: both on a GPU, eager on the CPU")
+    parser.add_argument("--batch", type=int, help="images per step (default 128 on a GPU, 4 on the CPU)")
+    parser.add_argument("--model-args", nargs="+", metavar="KEY=VALUE",
+                        help="timm.create_model overrides (default on the CPU: img_size=32 patch_size=8 depth=2)")  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
+    parser.add_argument("--steps", type=int, help="timed steps (default 10 on a GPU, 3 on the CPU)")
+    parser.add_argument("--atomic-steps", type=int, default=2, help="timed steps for the slow atomic implementation")
+    parser.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for JSON and Markdown")
+
+
+COLUMNS = ["size", "mode", "dtype", "model", "impl", "batch", "images_per_s", "vs_vit", "step_ms"]
+
+
+def run(args: argparse.Namespace) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = device == "cuda"
+    # On the CPU every implementation runs the reference: one KAT row says it all.
+    impls = (args.impls or ["flashkat", "blocked"]) if gpu else [CPU_LABEL]
+    model_args = parse_model_args(args.model_args, device)
+    rows = benchmark(
+        sizes=args.sizes or (list(SIZES) if gpu else ["tiny"]), impls=impls, dtypes=args.dtypes,
+        modes=args.modes or (["eager", "compile"] if gpu else ["eager"]), batch=args.batch or (128 if gpu else 4),
+        device=device, warmup=args.warmup, steps=args.steps or (10 if gpu else 3), atomic_steps=args.atomic_steps,
+        model_args=model_args,
+    )  # fmt: skip
+    table = markdown_table(rows, COLUMNS)
+    env = environment(device)
+    payload = {"environment": env, "model_args": model_args, "optimizer": "AdamW (fused on CUDA)", "rows": rows}
+    write_results(args.output, "model", payload, table)
+    heading = f"{env.get('gpu', env.get('cpu'))}, torch {env['torch']}, triton {env['triton']}, AdamW, autocast"
+    if not gpu:
+        heading += f" (CPU: small models {model_args}, the op runs the float64 reference)"
+    print(f"{heading}\n{table}")
+    return 0
