@@ -285,3 +285,14 @@ def test_out_dtype_stores_the_result_in_another_dtype():
     assert y_kernel.dtype == torch.bfloat16 and rel_l2(y_kernel, expected) < 4e-3
     with pytest.raises(TypeError, match="out_dtype"):
         flashkat.group_rational(x, a, b, out_dtype=torch.int32)
+
+
+def test_views_of_any_alignment_after_aligned_calls():
+    """Launches are cached by a key that includes pointer alignment: a view that starts 4 bytes
+    into its storage must not reuse the kernel specialised for 16-byte aligned pointers."""
+    a, b = random_coefficients(1, 8, (5, 4))
+    storage = torch.randn(3 * 16 * 64 + 1, device=DEVICE)
+    aligned = storage[:-1].view(3, 16, 64)
+    shifted = storage[1:].view(3, 16, 64)
+    for x in (aligned, shifted, aligned):
+        check_kernels(x, a, b)

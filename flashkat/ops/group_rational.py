@@ -505,6 +505,38 @@ def _device_index(t: torch.Tensor) -> int:
     return t.device.index if t.is_cuda else -1
 
 
+# Compiled kernels by launch key, for ``_launch``. FLASHKAT_FAST_LAUNCH=0 turns the cache off.
+_COMPILED: dict = {}
+_FAST_LAUNCH = os.environ.get("FLASHKAT_FAST_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _launch(kernel, grid: tuple, args: tuple, meta: dict, key: tuple) -> None:
+    """``kernel[grid](*args, **meta)``; once compiled, later launches with the same ``key`` call
+    the compiled kernel directly.
+
+    Triton's launcher binds and specialises every argument on every call, which costs more host
+    time than the GPU time of a small layer (the op is called 4 times per transformer block).
+    ``key`` must fix everything that specialisation reads: the launch configuration (which fixes
+    the integer arguments), and each tensor argument's dtype and 16-byte alignment.
+    """
+    global _FAST_LAUNCH
+    hit = _COMPILED.get(key) if _FAST_LAUNCH else None
+    if hit is not None:
+        compiled, constants = hit
+        try:
+            compiled[grid](*args, *constants)
+            return
+        except TypeError:  # another Triton's CompiledKernel API: use the JIT launcher from now on
+            _FAST_LAUNCH = False
+    compiled = kernel[grid](*args, **meta)
+    if _FAST_LAUNCH and hasattr(compiled, "function"):
+        _COMPILED[key] = (compiled, tuple(meta[name] for name in kernel.arg_names[len(args):]))
+
+
+def _tensor_key(*tensors: torch.Tensor) -> tuple:
+    return tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+
+
 def triton_forward(
     x: torch.Tensor,
     numerator: torch.Tensor,
@@ -514,18 +546,21 @@ def triton_forward(
 ) -> torch.Tensor:
     """F(x) by the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), stored
     in ``out_dtype`` (default: x's dtype)."""
-    dim = reference.check_args(x, numerator, denominator, dim)
+    return _launch_forward(x, numerator, denominator, reference.check_args(x, numerator, denominator, dim), out_dtype)
+
+
+def _launch_forward(x, numerator, denominator, dim: int, out_dtype) -> torch.Tensor:
     x, (S, D, inner) = _as_dense(x, dim)
     y = torch.empty_like(x, dtype=out_dtype or x.dtype)
     if x.numel() == 0:
         return y
+    numerator, denominator = numerator.contiguous(), denominator.contiguous()
     m, n = numerator.shape[1] - 1, denominator.shape[1]
-    cfg = _config(S, D, inner, x.dtype, m, n, numerator.shape[0], denominator.shape[0], _device_index(x), False)
-    _forward_kernel[(cfg.programs_s, cfg.tiles_c)](
-        x, y, numerator.contiguous(), denominator.contiguous(),
-        S, D, inner, cfg.cpg_a, cfg.cpg_b, cfg.safe_limit,
-        M=m, N=n, **cfg.meta(),
-    )  # fmt: skip
+    key = (S, D, inner, x.dtype, m, n, numerator.shape[0], denominator.shape[0], _device_index(x), False)
+    cfg = _config(*key)
+    args = (x, y, numerator, denominator, S, D, inner, cfg.cpg_a, cfg.cpg_b, cfg.safe_limit)
+    _launch(_forward_kernel, (cfg.programs_s, cfg.tiles_c), args, dict(M=m, N=n, **cfg.meta()),
+            ("forward", key, _tensor_key(x, y, numerator, denominator)))  # fmt: skip
     return y
 
 
@@ -536,9 +571,13 @@ def triton_backward(
     dim = reference.check_args(x, numerator, denominator, dim)
     if grad_output.shape != x.shape:
         raise ValueError(f"group_rational: grad_output shape {tuple(grad_output.shape)} != x shape {tuple(x.shape)}")
+    return _launch_backward(grad_output, x, numerator, denominator, dim)
+
+
+def _launch_backward(grad_output, x, numerator, denominator, dim: int):
     x, (S, D, inner) = _as_dense(x, dim)
     if grad_output.stride() != x.stride():
-        grad_output = torch.empty_like(x).copy_(grad_output)
+        grad_output = torch.empty_like(x, dtype=grad_output.dtype).copy_(grad_output)
     dx = torch.empty_like(x)
     da = torch.empty_like(numerator)
     db = torch.empty_like(denominator)
@@ -547,21 +586,22 @@ def triton_backward(
     numerator, denominator = numerator.contiguous(), denominator.contiguous()
     m, n = numerator.shape[1] - 1, denominator.shape[1]
     groups_a, groups_b = numerator.shape[0], denominator.shape[0]
-    cfg = _config(S, D, inner, x.dtype, m, n, groups_a, groups_b, _device_index(x), True)
+    key = (S, D, inner, x.dtype, m, n, groups_a, groups_b, _device_index(x), True)
+    cfg = _config(*key)
     tiles = cfg.programs_s * cfg.tiles_c
-    partial_a = torch.empty(tiles * cfg.slots_a * (m + 1), device=x.device, dtype=torch.float64)
-    partial_b = torch.empty(max(tiles * cfg.slots_b * n, 1), device=x.device, dtype=torch.float64)
-    _backward_kernel[(cfg.programs_s, cfg.tiles_c)](
-        x, grad_output, dx, numerator, denominator, partial_a, partial_b,
-        S, D, inner, cfg.cpg_a, cfg.cpg_b, cfg.safe_limit,
-        M=m, N=n, SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, **cfg.meta(),
-    )  # fmt: skip
-    _reduce_kernel[(groups_a + (groups_b if n > 0 else 0),)](
-        partial_a, numerator, da, partial_b, denominator, db,
-        groups_a, cfg.programs_s, cfg.tiles_c, cfg.cpg_a, cfg.cpg_b,
-        M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)),
-        SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, BLOCK_C=cfg.block_c, BLOCK_P=256,
-    )  # fmt: skip
+    size_a = tiles * cfg.slots_a * (m + 1)
+    partials = torch.empty(size_a + max(tiles * cfg.slots_b * n, 1), device=x.device, dtype=torch.float64)
+    partial_a, partial_b = partials[:size_a], partials[size_a:]
+    tensors = _tensor_key(x, grad_output, dx, numerator, denominator, partial_a, partial_b, da, db)
+    args = (x, grad_output, dx, numerator, denominator, partial_a, partial_b,
+            S, D, inner, cfg.cpg_a, cfg.cpg_b, cfg.safe_limit)  # fmt: skip
+    meta = dict(M=m, N=n, SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, **cfg.meta())
+    _launch(_backward_kernel, (cfg.programs_s, cfg.tiles_c), args, meta, ("backward", key, tensors))
+    args = (partial_a, numerator, da, partial_b, denominator, db, groups_a, cfg.programs_s, cfg.tiles_c,
+            cfg.cpg_a, cfg.cpg_b)  # fmt: skip
+    meta = dict(M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)), SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b,
+                BLOCK_C=cfg.block_c, BLOCK_P=256)  # fmt: skip
+    _launch(_reduce_kernel, (groups_a + (groups_b if n > 0 else 0),), args, meta, ("reduce", key, tensors))
     return dx, da, db
 
 
@@ -599,11 +639,12 @@ if HAS_TRITON:
 
     @_group_rational.register_kernel("cuda")
     def _(x, numerator, denominator, dim, impl, out_dtype):
-        return triton_forward(x, numerator, denominator, dim, out_dtype)
+        return _launch_forward(x, numerator, denominator, dim, out_dtype)  # validated by group_rational
 
     @_group_rational_backward.register_kernel("cuda")
     def _(grad_output, x, numerator, denominator, dim, impl):
-        return BACKWARDS[impl](grad_output, x, numerator, denominator, dim)
+        backward = _launch_backward if impl == "flashkat" else BACKWARDS[impl]
+        return backward(grad_output, x, numerator, denominator, dim)
 
 
 @_group_rational.register_fake
