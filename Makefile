@@ -20,7 +20,7 @@ setup-test: $(VENV)/bin/python
 	$(PIP) install -q $(TORCH) -e ".[test]"
 
 train: setup
-	$(VENV)/bin/flashkat fit --mode swish --order 5 4
+	$(VENV)/bin/flashkat train
 
 test: setup-test
 	$(VENV)/bin/python -m pytest -q

@@ -52,3 +52,11 @@ def coefficient_gradient_scale(g, x, a, b, dim=-1):
         return sa, None
     sb = torch.stack([(weight * f * xs ** (j + 1)).sum(0) for j in range(b.shape[1])], -1)
     return sa, sb.reshape(groups_b, D // groups_b, -1).sum(1)
+
+
+def check_coefficient_grads(grads, expected, scales, tol):
+    """|grad - expected| <= tol * (sum of the terms' magnitudes), elementwise, for each pair."""
+    for grad, ref, scale in zip(grads, expected, scales):
+        if scale is not None:
+            excess = (grad.double().cpu() - ref.cpu()).abs() - tol * scale.reshape(ref.shape).cpu()
+            assert torch.isfinite(grad).all() and (excess <= 0).all(), excess.max().item()

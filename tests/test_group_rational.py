@@ -7,7 +7,7 @@ import torch
 import flashkat
 from flashkat import reference
 from flashkat.ops import group_rational as op
-from conftest import DEVICE, coefficient_gradient_scale, random_coefficients, rel_l2, requires_cuda
+from conftest import DEVICE, check_coefficient_grads, coefficient_gradient_scale, random_coefficients, rel_l2, requires_cuda
 
 # Relative L2 bounds for outputs stored in each dtype (one rounding of the result, plus float32
 # arithmetic); coefficient gradients (float32 arithmetic, returned in float32) must be within
@@ -15,12 +15,6 @@ from conftest import DEVICE, coefficient_gradient_scale, random_coefficients, re
 OUT_TOL = {torch.float32: 2e-6, torch.float64: 1e-13, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 COEF_TOL = {torch.float32: 1e-6, torch.float64: 1e-7, torch.bfloat16: 1e-6, torch.float16: 1e-6}
 
-
-def check_coefficient_grads(grads, expected, scales, tol):
-    for grad, ref, scale in zip(grads, expected, scales):
-        if scale is not None:
-            excess = (grad.double().cpu() - ref.cpu()).abs() - tol * scale.reshape(ref.shape).cpu()
-            assert torch.isfinite(grad).all() and (excess <= 0).all(), excess.max().item()
 
 KAT_SWISH = (
     [[3.054879741161051e-07, 0.5000007853744493, 0.24999783422824703, 0.05326628273219478,

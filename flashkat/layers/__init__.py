@@ -1,5 +1,6 @@
 """Layers built on the group-rational op, reusable outside the KAT models."""
 
 from flashkat.layers.group_rational import GroupRational
+from flashkat.layers.kan_mlp import KANMlp
 
-__all__ = ["GroupRational"]
+__all__ = ["GroupRational", "KANMlp"]
