@@ -10,6 +10,7 @@ from flashkat import reference
 from flashkat.layers import GroupRational
 from flashkat.ops.group_rational import group_rational
 import flashkat.ops.baselines  # noqa: F401,E402  (registers the "blocked" and "atomic" backwards)
+import flashkat.models  # noqa: F401,E402  (registers the KAT models with timm)
 
 __version__ = "0.1.0"
 __all__ = ["GroupRational", "group_rational", "reference", "__version__"]

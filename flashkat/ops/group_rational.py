@@ -471,8 +471,6 @@ class _Config:
         self.slots_a = 1 if self.uniform_a else _group_slots(self.block_c, self.cpg_a)
         self.slots_b = 1 if self.uniform_b else _group_slots(self.block_c, self.cpg_b)
         elements = _TUNING["backward_elements" if backward else "forward_elements"]
-        if backward:  # keep the per-thread accumulators (one per coefficient and element) constant
-            elements = max(128, 1 << (elements * 10 // (m + 1 + n)).bit_length() - 1)
         self.block_s = max(elements // self.block_c, 1)
         self.num_warps = _TUNING["num_warps"]
         self.ahead = _TUNING["backward_ahead" if backward else "forward_ahead"]
@@ -697,4 +695,29 @@ def group_rational(
     _check_impl(impl)
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise TypeError(f"group_rational: out_dtype must be a floating-point dtype, got {out_dtype}")
+    if HAS_TRITON and x.is_cuda and not torch.compiler.is_compiling():
+        return _EagerGroupRational.apply(x, numerator, denominator, dim, impl, out_dtype)
     return _group_rational(x, numerator, denominator, dim, impl, out_dtype)
+
+
+class _EagerGroupRational(torch.autograd.Function):
+    """The same kernels as the registered op, through a plain autograd.Function.
+
+    In eager mode a Python custom op's dispatch costs about 0.6 ms per forward and backward
+    (measured on an H100 host: docs/BENCHMARKS.md), several times the GPU time of a small
+    layer; this path costs what the launches cost. ``torch.compile`` and ``opcheck`` use the
+    registered op, which is the one that has fake tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, numerator, denominator, dim, impl, out_dtype):
+        ctx.save_for_backward(x, numerator, denominator)
+        ctx.dim, ctx.impl = dim, impl
+        return _launch_forward(x, numerator, denominator, dim, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, numerator, denominator = ctx.saved_tensors
+        backward = _launch_backward if ctx.impl == "flashkat" else BACKWARDS[ctx.impl]
+        dx, da, db = backward(grad_output, x, numerator, denominator, ctx.dim)
+        return dx, da, db, None, None, None
