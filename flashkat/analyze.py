@@ -450,7 +450,9 @@ def parse_ncu_csv(text: str) -> dict:
             stalls[match.group(1)] = value
     duration = metrics.get("gpu__time_duration.sum")
     return {
-        "dram_pct": metrics.get("dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+        # the Speed Of Light section names it gpu__dram_throughput on Hopper, dram__throughput elsewhere
+        "dram_pct": next((v for k, v in metrics.items() if k.endswith("dram__throughput.avg.pct_of_peak_sustained_elapsed")
+                          or k.endswith("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed")), None),
         "duration_us": duration / 1000 if isinstance(duration, float) else None,  # ncu reports ns
         "stalls": dict(sorted(stalls.items(), key=lambda kv: -kv[1])),
         "metrics": metrics,

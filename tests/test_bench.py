@@ -152,6 +152,8 @@ def test_parse_ncu_csv():
     assert parsed["dram_pct"] == pytest.approx(3.21)
     assert parsed["duration_us"] == pytest.approx(102345.678)
     assert list(parsed["stalls"]) == ["membar", "long_scoreboard"]  # sorted, "selected" is no stall
+    hopper = NCU_CSV.replace('"dram__throughput.avg', '"gpu__dram_throughput.avg')  # the name on an H100
+    assert parse_ncu_csv(hopper)["dram_pct"] == pytest.approx(3.21)
     with pytest.raises(ValueError):
         parse_ncu_csv("==PROF== nothing profiled\n")
 
