@@ -17,9 +17,10 @@ m+1+n coefficient-gradient terms in registers, reduces them once at its end into
 (group slot, coefficient), and writes them with plain stores; a second, tiny kernel adds those
 partials in a fixed order (in float64). Same inputs and device => bitwise identical gradients.
 
-Range. Arithmetic is float32 (float64 for float64 inputs). A tile holding any |x| above
-``_safe_limit(order)`` is evaluated in float64 instead, so finite inputs up to float32's range give
-finite results wherever the true value is finite; ordinary tiles never take that branch.
+Range. Arithmetic is float32 (float64 for float64 inputs). A program that met any |x| above
+``_safe_limit(order)`` redoes its elements in float64, a row at a time, so finite inputs up to
+float32's range give finite results wherever the true value is finite; ordinary inputs never take
+that branch, and its only cost on the fast path is a running max of |x|.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ if HAS_TRITON:
         S, D, INNER, cpg_a, cpg_b, safe_limit,
         M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
         UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
-        COMPUTE: tl.constexpr, INDEX_64: tl.constexpr, FAST: tl.constexpr, AHEAD: tl.constexpr,
+        COMPUTE: tl.constexpr, INDEX_64: tl.constexpr, FAST: tl.constexpr,
     ):  # fmt: skip
         cols, col_mask, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, BLOCK_C, UNIFORM_A, UNIFORM_B,
                                                  INDEX_64)  # fmt: skip
@@ -199,16 +200,10 @@ if HAS_TRITON:
         largest = tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE)  # max |x| seen, for the range check
         start, step = tl.program_id(0) * BLOCK_S, tl.num_programs(0) * BLOCK_S
         x_ahead = _tile_at(x_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
-        if AHEAD == 2:
-            x_ahead2 = _tile_at(x_ptr, start + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
         for s0 in range(start, S, step):
-            # Tiles are loaded AHEAD iterations before their use, so that memory latency overlaps work.
+            # The next tile is loaded before this one is worked on, so memory latency overlaps work.
             x = x_ahead.to(COMPUTE)
-            if AHEAD == 2:
-                x_ahead = x_ahead2
-                x_ahead2 = _tile_at(x_ptr, s0 + 2 * step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
-            else:
-                x_ahead = _tile_at(x_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+            x_ahead = _tile_at(x_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
             largest = tl.maximum(largest, tl.abs(x))
             offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
             _store(y_ptr, offsets, _rational_value(x, a, b, M, N, y_ptr.dtype.element_ty, FAST), mask, EVEN)
@@ -274,7 +269,7 @@ if HAS_TRITON:
         M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
         UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
         SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, COMPUTE: tl.constexpr, INDEX_64: tl.constexpr,
-        FAST: tl.constexpr, AHEAD: tl.constexpr,
+        FAST: tl.constexpr,
     ):  # fmt: skip
         DX: tl.constexpr = dx_ptr.dtype.element_ty
         pid_c = tl.program_id(1)
@@ -290,20 +285,12 @@ if HAS_TRITON:
         start, step = tl.program_id(0) * BLOCK_S, tl.num_programs(0) * BLOCK_S
         x_ahead = _tile_at(x_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
         g_ahead = _tile_at(g_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
-        if AHEAD == 2:
-            x_ahead2 = _tile_at(x_ptr, start + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
-            g_ahead2 = _tile_at(g_ptr, start + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
         for s0 in range(start, S, step):
-            # Tiles are loaded AHEAD iterations before their use, so that memory latency overlaps work.
+            # The next tile is loaded before this one is worked on, so memory latency overlaps work.
             x = x_ahead.to(COMPUTE)
             g = g_ahead.to(COMPUTE)  # masked: g = 0, so every term is 0
-            if AHEAD == 2:
-                x_ahead, g_ahead = x_ahead2, g_ahead2
-                x_ahead2 = _tile_at(x_ptr, s0 + 2 * step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
-                g_ahead2 = _tile_at(g_ptr, s0 + 2 * step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
-            else:
-                x_ahead = _tile_at(x_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
-                g_ahead = _tile_at(g_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+            x_ahead = _tile_at(x_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
+            g_ahead = _tile_at(g_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
             largest = tl.maximum(largest, tl.abs(x))
             dx, terms = _rational_grads(x, g, a, b, M, N, DX, COMPUTE, FAST)
             offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
@@ -457,7 +444,7 @@ _INDEX_64_FROM = 2**31 - 1  # element count from which offsets are computed in i
 
 # Tile sizes and grid occupancy; the defaults were chosen by measurement (docs/BENCHMARKS.md).
 _TUNING = dict(forward_elements=1024, backward_elements=512, num_warps=4, forward_waves=8, backward_waves=4,
-               forward_ahead=1, backward_ahead=1, backward_maxnreg=80, backward_capped_waves=6)  # fmt: skip
+               backward_maxnreg=80, backward_capped_waves=6)  # fmt: skip
 
 
 class _Config:
@@ -473,11 +460,11 @@ class _Config:
         elements = _TUNING["backward_elements" if backward else "forward_elements"]
         self.block_s = max(elements // self.block_c, 1)
         self.num_warps = _TUNING["num_warps"]
-        self.ahead = _TUNING["backward_ahead" if backward else "forward_ahead"]
         self.tiles_c = triton.cdiv(D, self.block_c)
         # a register cap buys more resident programs per SM where nothing spills (uniform tiles)
+        # (measured at KAT's order; above it the cap made the backward spill)
         self.capped = (backward and self.uniform_a and self.uniform_b and m + 1 + n <= 10
-                       and bool(_TUNING["backward_maxnreg"]))  # fmt: skip  (measured at KAT's order)
+                       and bool(_TUNING["backward_maxnreg"]))  # fmt: skip
         self.launch = dict(num_warps=self.num_warps, **({"maxnreg": _TUNING["backward_maxnreg"]} if self.capped else {}))
         waves = _TUNING["backward_capped_waves" if self.capped else "backward_waves" if backward else "forward_waves"]
         wanted = max(_programs_per_wave(device_index) * waves // self.tiles_c, 1)
@@ -494,7 +481,7 @@ class _Config:
         """The constexpr arguments both kernels share."""
         return dict(BLOCK_S=self.block_s, BLOCK_C=self.block_c, UNIFORM_A=self.uniform_a, UNIFORM_B=self.uniform_b,
                     EVEN=self.even, COMPUTE=self.compute, INDEX_64=self.index_64, FAST=self.fast,
-                    AHEAD=self.ahead, **self.launch)  # fmt: skip
+                    **self.launch)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=512)
