@@ -131,12 +131,12 @@ def test_huge_inputs_stay_finite(coefficients):
 def test_64_bit_indexing_path(monkeypatch):
     """The int64 offsets used beyond 2**31 elements, forced on a small tensor."""
     monkeypatch.setattr(op, "_INDEX_64_FROM", 0)
-    op._config.cache_clear()
+    op._clear_caches()
     try:
         check_kernels(torch.randn(3, 5, 48, device=DEVICE), *random_coefficients(1, 8, (5, 4)))
         check_kernels(torch.randn(2, 16, 3, 3, device=DEVICE), *random_coefficients(4, 16, (3, 2)), dim=1)
     finally:
-        op._config.cache_clear()
+        op._clear_caches()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +188,34 @@ def test_compile_fullgraph_without_graph_breaks():
     assert rel_l2(out.detach(), eager.detach()) < 1e-5
     for p, g in zip(model.parameters(), eager_grads):
         assert rel_l2(p.grad, g) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor generates Triton launches on CUDA only")
+def test_compile_launches_the_kernels_itself_at_any_batch_size():
+    """Under torch.compile the op is traced into: inductor's generated code launches the kernels
+    (no dispatch to the op at run time), also with a symbolic batch size."""
+    from torch._inductor.utils import run_and_get_code
+
+    a, b = (t.requires_grad_() for t in random_coefficients(1, 8, (5, 4)))
+
+    def fn(x):
+        return flashkat.group_rational(x, a, b).float().square().sum()
+
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    for rows, dtype in [(37, torch.float32), (50, torch.float32), (19, torch.bfloat16)]:
+        x = torch.randn(rows, 3, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+        loss, code = run_and_get_code(compiled, x)
+        loss.backward()
+        grads = (x.grad, a.grad, b.grad)
+        x64, a64, b64 = x.detach().double(), a.detach().double(), b.detach().double()
+        y = reference.forward(x64, a64, b64)
+        want = reference.backward(2 * y.to(dtype).double(), x64, a64, b64)
+        assert rel_l2(loss.detach().double(), y.to(dtype).double().square().sum()) < 1e-5
+        for got, ref in zip(grads, want):
+            assert rel_l2(got, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+        a.grad = b.grad = None
+        if code:  # compiled this call: the forward launches our kernel, not the op
+            assert "_forward_kernel" in code[0] and "flashkat.group_rational" not in code[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

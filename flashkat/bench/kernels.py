@@ -162,12 +162,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         for setting, (S, D), dtype in tqdm(cases, desc="bench kernels", unit="shape"):
             op._TUNING.update(settings[setting])
-            op._config.cache_clear()
+            op._clear_caches()
             for row in measure(S, D, DTYPES[dtype], device, impls, args.rep_ms, args.timer):
                 rows.append({"setting": setting, **row})
     finally:
         op._TUNING.update(default)
-        op._config.cache_clear()
+        op._clear_caches()
     columns = ["shape", "dtype", "kernel", "impl", "ms", "floor", "floor_ms", "x_floor", "GBps"]
     if device == "cuda" and args.timer == "both":
         columns.append("launch_ms")

@@ -264,8 +264,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _backward_kernel(
-        x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, partial_a_ptr, partial_b_ptr,
-        S, D, INNER, cpg_a, cpg_b, safe_limit,
+        x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, partial_ptr,
+        S, D, INNER, cpg_a, cpg_b, safe_limit, offset_b,
         M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
         UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
         SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, COMPUTE: tl.constexpr, INDEX_64: tl.constexpr,
@@ -308,9 +308,9 @@ if HAS_TRITON:
         # Once per program: one value per (group slot, coefficient), with plain stores.
         tile = tl.program_id(0) * tl.num_programs(1) + pid_c
         first = pid_c * BLOCK_C
-        _store_partials(partial_a_ptr, sums, col_mask, group_a, first // cpg_a, tile, 0, M + 1, SLOTS_A, UNIFORM_A)
-        if N > 0:
-            _store_partials(partial_b_ptr, sums, col_mask, group_b, first // cpg_b, tile, M + 1, N, SLOTS_B,
+        _store_partials(partial_ptr, sums, col_mask, group_a, first // cpg_a, tile, 0, M + 1, SLOTS_A, UNIFORM_A)
+        if N > 0:  # B's partials follow A's in the same buffer
+            _store_partials(partial_ptr + offset_b, sums, col_mask, group_b, first // cpg_b, tile, M + 1, N, SLOTS_B,
                             UNIFORM_B)  # fmt: skip
 
     @triton.jit
@@ -365,17 +365,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _reduce_kernel(
-        partial_a_ptr, a_ptr, da_ptr, partial_b_ptr, b_ptr, db_ptr,
-        groups_a, programs_s, tiles_c, cpg_a, cpg_b,
+        partial_ptr, a_ptr, da_ptr, b_ptr, db_ptr,
+        offset_b, groups_a, programs_s, tiles_c, cpg_a, cpg_b,
         M: tl.constexpr, N: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr,
         SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):  # fmt: skip
         group = tl.program_id(0)
         if group < groups_a:
-            _reduce_group(partial_a_ptr, a_ptr, da_ptr, group, programs_s, tiles_c, cpg_a,
+            _reduce_group(partial_ptr, a_ptr, da_ptr, group, programs_s, tiles_c, cpg_a,
                           M + 1, MP, SLOTS_A, BLOCK_C, BLOCK_P, False)  # fmt: skip
         else:
-            _reduce_group(partial_b_ptr, b_ptr, db_ptr, group - groups_a, programs_s, tiles_c, cpg_b,
+            _reduce_group(partial_ptr + offset_b, b_ptr, db_ptr, group - groups_a, programs_s, tiles_c, cpg_b,
                           N, NP, SLOTS_B, BLOCK_C, BLOCK_P, True)  # fmt: skip
 
 
@@ -384,24 +384,31 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense_layout(t: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
-    """(S, D, inner) if ``t`` is non-overlapping and dense (any dim order), else None."""
-    dims = sorted((d for d in range(t.dim()) if t.shape[d] > 1), key=lambda d: t.stride(d))
+def _dense_layout(shape: tuple, stride: tuple, dim: int) -> tuple[int, int, int] | None:
+    """(S, D, inner) of a tensor of ``shape`` and ``stride`` if it is non-overlapping and dense
+    (any dim order), else None."""
+    dims = sorted((d for d in range(len(shape)) if shape[d] > 1), key=lambda d: stride[d])
     expected = 1
     for d in dims:
-        if t.stride(d) != expected:
+        if stride[d] != expected:
             return None
-        expected *= t.shape[d]
-    channels = t.shape[dim]
-    inner = t.stride(dim) if channels > 1 else 1
-    return t.numel() // max(channels, 1), channels, inner
+        expected *= shape[d]
+    channels = shape[dim]
+    inner = stride[dim] if channels > 1 else 1
+    return math.prod(shape) // max(channels, 1), channels, inner
+
+
+def _contiguous_layout(shape: tuple, dim: int) -> tuple[int, int, int]:
+    """(S, D, inner) of a contiguous tensor of ``shape``."""
+    channels, inner = shape[dim], math.prod(shape[dim + 1:])
+    return math.prod(shape) // max(channels, 1), channels, inner if channels > 1 else 1
 
 
 def _as_dense(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    layout = _dense_layout(t, dim)
-    if layout is None:  # e.g. a strided slice: empty_like makes a dense tensor of the same shape
-        t = torch.empty_like(t).copy_(t)
-        layout = _dense_layout(t, dim)
+    """``t`` (a contiguous copy if it is not dense, e.g. a strided slice) and its (S, D, inner)."""
+    layout = _dense_layout(t.shape, t.stride(), dim)
+    if layout is None:
+        return t.contiguous(), _contiguous_layout(tuple(t.shape), dim)
     return t, layout
 
 
@@ -493,36 +500,125 @@ def _device_index(t: torch.Tensor) -> int:
     return t.device.index if t.is_cuda else -1
 
 
-# Compiled kernels by launch key, for ``_launch``. FLASHKAT_FAST_LAUNCH=0 turns the cache off.
-_COMPILED: dict = {}
+class _Plan:
+    """Everything a call needs that depends only on its signature (the tensors' shapes, strides,
+    dtypes and devices, ``dim`` and ``out_dtype``): checked arguments, the dense layout, both
+    kernels' configurations and launch arguments. Built once per signature by ``_plan``, because the
+    op runs 4 times per transformer block and a training step's host time counts (BENCHMARKS.md).
+    """
+
+    def __init__(self, x, numerator, denominator, dim, out_dtype, shape, stride):
+        self.dim = dim = _check_args(x, numerator, denominator, dim, out_dtype)
+        self.out_dtype = out_dtype or x.dtype
+        layout = _dense_layout(shape, stride, dim)
+        self.dense = layout is not None  # else x is made contiguous before launch
+        S, D, inner = layout or _contiguous_layout(shape, dim)
+        self.empty = math.prod(shape) == 0
+        (groups_a, m), (groups_b, n) = (int(v) for v in numerator.shape), (int(v) for v in denominator.shape)
+        m -= 1
+        key = (S, D, inner, x.dtype, m, n, groups_a, groups_b, _device_index(x))
+        fwd, bwd = _config(*key, False), _config(*key, True)
+        self.key = key
+        self.forward = ((fwd.programs_s, fwd.tiles_c), (S, D, inner, fwd.cpg_a, fwd.cpg_b, fwd.safe_limit),
+                        dict(M=m, N=n, **fwd.meta()))  # fmt: skip
+        self.offset_b = bwd.programs_s * bwd.tiles_c * bwd.slots_a * (m + 1)  # B's partials follow A's
+        self.partials = self.offset_b + max(bwd.programs_s * bwd.tiles_c * bwd.slots_b * n, 1)
+        self.backward = ((bwd.programs_s, bwd.tiles_c), (S, D, inner, bwd.cpg_a, bwd.cpg_b, bwd.safe_limit,
+                         self.offset_b), dict(M=m, N=n, SLOTS_A=bwd.slots_a, SLOTS_B=bwd.slots_b, **bwd.meta()))  # fmt: skip
+        self.reduce = ((groups_a + (groups_b if n > 0 else 0),),
+                       (self.offset_b, groups_a, bwd.programs_s, bwd.tiles_c, bwd.cpg_a, bwd.cpg_b),
+                       dict(M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)), SLOTS_A=bwd.slots_a,
+                            SLOTS_B=bwd.slots_b, BLOCK_C=bwd.block_c, BLOCK_P=256))  # fmt: skip
+
+
+_PLANS: dict = {}
+
+
+def _plan(x, numerator, denominator, dim, out_dtype, symbolic: bool = False) -> _Plan:
+    """The checked plan of a call (``ValueError``/``TypeError`` on bad arguments), cached by signature.
+
+    ``symbolic``: sizes may be symbolic (torch.compile's tracing with dynamic shapes); the plan is
+    made for their current values, which guards the compiled graph on them."""
+    if not all(isinstance(t, torch.Tensor) for t in (x, numerator, denominator)):
+        reference.check_args(x, numerator, denominator, dim)  # raises the TypeError
+    shape, stride, a_shape, b_shape = x.shape, x.stride(), numerator.shape, denominator.shape
+    if symbolic:
+        shape, stride, a_shape, b_shape = (tuple(int(v) for v in t) for t in (shape, stride, a_shape, b_shape))
+    signature = (shape, stride, x.dtype, x.device, a_shape, numerator.dtype, numerator.device,
+                 b_shape, denominator.dtype, denominator.device, dim, out_dtype)  # fmt: skip
+    plan = _PLANS.get(signature)
+    if plan is None:
+        if len(_PLANS) >= 4096:  # e.g. a sweep over shapes: start over rather than grow
+            _PLANS.clear()
+        plan = _PLANS[signature] = _Plan(x, numerator, denominator, dim, out_dtype, tuple(shape), tuple(stride))
+    return plan
+
+
+# Launchers of compiled kernels by launch key, for ``_launch``. FLASHKAT_FAST_LAUNCH=0 turns them off.
+_LAUNCHERS: dict = {}
 _FAST_LAUNCH = os.environ.get("FLASHKAT_FAST_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def _launch(kernel, grid: tuple, args: tuple, meta: dict, key: tuple) -> None:
-    """``kernel[grid](*args, **meta)``; once compiled, later launches with the same ``key`` call
-    the compiled kernel directly.
+def _clear_caches() -> None:
+    """Forget configurations, plans and launchers (after changing ``_TUNING`` or ``_INDEX_64_FROM``)."""
+    _config.cache_clear()
+    _PLANS.clear()
+    _LAUNCHERS.clear()
+
+
+def _direct_launcher(compiled, grid: tuple, constants: tuple, device_index: int):
+    """A function of the runtime arguments that launches ``compiled`` on the current stream: what
+    ``compiled[grid](*args)`` does, without rebuilding a closure and looking up the device, stream
+    and hooks on every call. None where this Triton's compiled kernels look different."""
+    hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
+    if any(hook is not None and getattr(hook, "calls", True) for hook in hooks):
+        return None  # a profiler hooked the launches: keep Triton's own path
+    try:
+        compiled._init_handles()
+        run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+    except AttributeError:
+        return None
+    stream = torch._C._cuda_getCurrentRawStream
+    x, y, z = (*grid, 1, 1)[:3]
+
+    def launch(args: tuple) -> None:
+        run(x, y, z, stream(device_index), function, metadata, None, None, None, *args, *constants)
+
+    return launch
+
+
+def _launch(kernel, grid: tuple, args: tuple, meta: dict, key: tuple, traceable: bool = False) -> None:
+    """``kernel[grid](*args, **meta)``, fast after the first launch with the same ``key``.
 
     Triton's launcher binds and specialises every argument on every call, which costs more host
-    time than the GPU time of a small layer (the op is called 4 times per transformer block).
-    ``key`` must fix everything that specialisation reads: the launch configuration (which fixes
-    the integer arguments), and each tensor argument's dtype and 16-byte alignment.
+    time than the GPU time of a small layer. ``key`` must fix everything that specialisation reads:
+    the plan (which fixes the grid, the integer arguments and the dtypes) and each tensor
+    argument's 16-byte alignment. ``traceable``: inside the registered op, which torch.compile
+    traces; there inductor generates the launch itself (without the register cap, which it has
+    no argument for).
     """
     global _FAST_LAUNCH
-    hit = _COMPILED.get(key) if _FAST_LAUNCH else None
-    if hit is not None:
-        compiled, constants = hit
-        try:
-            compiled[grid + (1,) * (3 - len(grid))](*args, *constants)  # the runner wants 3 dimensions
+    if traceable:
+        wrapped = torch.library.wrap_triton(kernel)
+        if wrapped is not kernel:  # being traced
+            wrapped[grid](*args, **{name: value for name, value in meta.items() if name != "maxnreg"})
             return
-        except TypeError:  # another Triton's CompiledKernel API: use the JIT launcher from now on
+    launcher = _LAUNCHERS.get(key) if _FAST_LAUNCH else None
+    if launcher is not None:
+        try:
+            return launcher(args)
+        except TypeError:  # another Triton's launcher signature (raised before launching): use the JIT's
             _FAST_LAUNCH = False
     compiled = kernel[grid](*args, **meta)
-    if _FAST_LAUNCH and hasattr(compiled, "function"):
-        _COMPILED[key] = (compiled, tuple(meta[name] for name in kernel.arg_names[len(args):]))
+    if _FAST_LAUNCH and args[0].is_cuda:
+        constants = tuple(meta[name] for name in kernel.arg_names[len(args):])
+        _LAUNCHERS[key] = _direct_launcher(compiled, grid, constants, args[0].device.index)
+        if _LAUNCHERS[key] is None:
+            _FAST_LAUNCH = False
 
 
-def _tensor_key(*tensors: torch.Tensor) -> tuple:
-    return tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+def _aligned(*tensors: torch.Tensor) -> tuple:
+    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def triton_forward(
@@ -534,21 +630,19 @@ def triton_forward(
 ) -> torch.Tensor:
     """F(x) by the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), stored
     in ``out_dtype`` (default: x's dtype)."""
-    return _launch_forward(x, numerator, denominator, reference.check_args(x, numerator, denominator, dim), out_dtype)
+    return _launch_forward(x, numerator, denominator, _plan(x, numerator, denominator, dim, out_dtype))
 
 
-def _launch_forward(x, numerator, denominator, dim: int, out_dtype) -> torch.Tensor:
-    x, (S, D, inner) = _as_dense(x, dim)
-    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
-    if x.numel() == 0:
+def _launch_forward(x, numerator, denominator, plan: _Plan, traceable: bool = False) -> torch.Tensor:
+    if not plan.dense:  # e.g. a strided slice
+        x = x.contiguous()
+    y = torch.empty_like(x, dtype=plan.out_dtype)
+    if plan.empty:
         return y
     numerator, denominator = numerator.contiguous(), denominator.contiguous()
-    m, n = numerator.shape[1] - 1, denominator.shape[1]
-    key = (S, D, inner, x.dtype, m, n, numerator.shape[0], denominator.shape[0], _device_index(x), False)
-    cfg = _config(*key)
-    args = (x, y, numerator, denominator, S, D, inner, cfg.cpg_a, cfg.cpg_b, cfg.safe_limit)
-    _launch(_forward_kernel, (cfg.programs_s, cfg.tiles_c), args, dict(M=m, N=n, **cfg.meta()),
-            ("forward", key, _tensor_key(x, y, numerator, denominator)))  # fmt: skip
+    grid, scalars, meta = plan.forward
+    key = None if traceable else ("forward", plan.key, _aligned(x, y, numerator, denominator))
+    _launch(_forward_kernel, grid, (x, y, numerator, denominator, *scalars), meta, key, traceable)
     return y
 
 
@@ -556,45 +650,39 @@ def triton_backward(
     grad_output: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d numerator, d denominator) by the Triton kernels, deterministically."""
-    dim = reference.check_args(x, numerator, denominator, dim)
-    if grad_output.shape != x.shape:
-        raise ValueError(f"group_rational: grad_output shape {tuple(grad_output.shape)} != x shape {tuple(x.shape)}")
-    return _launch_backward(grad_output, x, numerator, denominator, dim)
+    plan = _plan(x, numerator, denominator, dim, None)
+    if not isinstance(grad_output, torch.Tensor) or grad_output.shape != x.shape:
+        shape = tuple(grad_output.shape) if isinstance(grad_output, torch.Tensor) else type(grad_output).__name__
+        raise ValueError(f"group_rational: grad_output shape {shape} != x shape {tuple(x.shape)}")
+    return _launch_backward(grad_output, x, numerator, denominator, plan)
 
 
-def _launch_backward(grad_output, x, numerator, denominator, dim: int):
-    x, (S, D, inner) = _as_dense(x, dim)
+def _launch_backward(grad_output, x, numerator, denominator, plan: _Plan, traceable: bool = False):
+    if not plan.dense:
+        x = x.contiguous()
     if grad_output.stride() != x.stride():
         grad_output = torch.empty_like(x, dtype=grad_output.dtype).copy_(grad_output)
     dx = torch.empty_like(x)
-    da = torch.empty_like(numerator)
-    db = torch.empty_like(denominator)
-    if x.numel() == 0:
+    da = torch.empty(numerator.shape, dtype=numerator.dtype, device=numerator.device)
+    db = torch.empty(denominator.shape, dtype=denominator.dtype, device=denominator.device)
+    if plan.empty:
         return dx, da.zero_(), db.zero_()
     numerator, denominator = numerator.contiguous(), denominator.contiguous()
-    m, n = numerator.shape[1] - 1, denominator.shape[1]
-    groups_a, groups_b = numerator.shape[0], denominator.shape[0]
-    key = (S, D, inner, x.dtype, m, n, groups_a, groups_b, _device_index(x), True)
-    cfg = _config(*key)
-    tiles = cfg.programs_s * cfg.tiles_c
-    size_a = tiles * cfg.slots_a * (m + 1)
-    partials = torch.empty(size_a + max(tiles * cfg.slots_b * n, 1), device=x.device, dtype=torch.float64)
-    partial_a, partial_b = partials[:size_a], partials[size_a:]
-    tensors = _tensor_key(x, grad_output, dx, numerator, denominator, partial_a, partial_b, da, db)
-    args = (x, grad_output, dx, numerator, denominator, partial_a, partial_b,
-            S, D, inner, cfg.cpg_a, cfg.cpg_b, cfg.safe_limit)  # fmt: skip
-    meta = dict(M=m, N=n, SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b, **cfg.meta())
-    _launch(_backward_kernel, (cfg.programs_s, cfg.tiles_c), args, meta, ("backward", key, tensors))
-    args = (partial_a, numerator, da, partial_b, denominator, db, groups_a, cfg.programs_s, cfg.tiles_c,
-            cfg.cpg_a, cfg.cpg_b)  # fmt: skip
-    meta = dict(M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)), SLOTS_A=cfg.slots_a, SLOTS_B=cfg.slots_b,
-                BLOCK_C=cfg.block_c, BLOCK_P=256)  # fmt: skip
-    _launch(_reduce_kernel, (groups_a + (groups_b if n > 0 else 0),), args, meta, ("reduce", key, tensors))
+    partials = torch.empty(plan.partials, device=x.device, dtype=torch.float64)
+    key = None if traceable else _aligned(x, grad_output, dx, numerator, denominator, partials, da, db)
+    grid, scalars, meta = plan.backward
+    _launch(_backward_kernel, grid, (x, grad_output, dx, numerator, denominator, partials, *scalars), meta,
+            ("backward", plan.key, key), traceable)  # fmt: skip
+    grid, scalars, meta = plan.reduce
+    _launch(_reduce_kernel, grid, (partials, numerator, da, denominator, db, *scalars), meta,
+            ("reduce", plan.key, key), traceable)  # fmt: skip
     return dx, da, db
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration: CUDA runs the Triton kernels, every other device the reference.
+# torch.library registration. CUDA runs the Triton kernels (as a triton_op, so that torch.compile
+# traces into it and launches them from its own generated code), every other device the reference.
+# Eager CUDA calls skip the dispatcher: see _EagerGroupRational.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -604,45 +692,39 @@ def _launch_backward(grad_output, x, numerator, denominator, dim: int):
 BACKWARDS = {"flashkat": triton_backward} if HAS_TRITON else {}
 
 
+def _check_args(x, numerator, denominator, dim: int, out_dtype) -> int:
+    """``reference.check_args`` and a floating ``out_dtype``; returns ``dim`` as an index."""
+    dim = reference.check_args(x, numerator, denominator, dim)
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise TypeError(f"group_rational: out_dtype must be a floating-point dtype, got {out_dtype}")
+    return dim
+
+
 def _check_impl(impl: str) -> None:
     if impl not in ("flashkat", "blocked", "atomic"):
         raise ValueError(f"group_rational: impl must be 'flashkat', 'blocked' or 'atomic', got {impl!r}")
 
 
-@torch.library.custom_op("flashkat::group_rational", mutates_args=())
+@torch.library.triton_op("flashkat::group_rational", mutates_args=())
 def _group_rational(
     x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int, impl: str, out_dtype: Optional[torch.dtype]
 ) -> torch.Tensor:
+    if HAS_TRITON and x.is_cuda:
+        plan = _plan(x, numerator, denominator, dim, out_dtype, symbolic=True)
+        return _launch_forward(x, numerator, denominator, plan, traceable=True)
     return reference.forward(x, numerator, denominator, dim).to(out_dtype or x.dtype)
 
 
-@torch.library.custom_op("flashkat::group_rational_backward", mutates_args=())
+@torch.library.triton_op("flashkat::group_rational_backward", mutates_args=())
 def _group_rational_backward(
     grad_output: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int, impl: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if HAS_TRITON and x.is_cuda:
+        if impl != "flashkat":  # the baselines launch their own kernels (not traceable)
+            return BACKWARDS[impl](grad_output, x, numerator, denominator, dim)
+        plan = _plan(x, numerator, denominator, dim, None, symbolic=True)
+        return _launch_backward(grad_output, x, numerator, denominator, plan, traceable=True)
     return reference.backward(grad_output, x, numerator, denominator, dim)
-
-
-if HAS_TRITON:
-
-    @_group_rational.register_kernel("cuda")
-    def _(x, numerator, denominator, dim, impl, out_dtype):
-        return _launch_forward(x, numerator, denominator, dim, out_dtype)  # validated by group_rational
-
-    @_group_rational_backward.register_kernel("cuda")
-    def _(grad_output, x, numerator, denominator, dim, impl):
-        backward = _launch_backward if impl == "flashkat" else BACKWARDS[impl]
-        return backward(grad_output, x, numerator, denominator, dim)
-
-
-@_group_rational.register_fake
-def _(x, numerator, denominator, dim, impl, out_dtype):
-    return torch.empty_like(x, dtype=out_dtype or x.dtype)
-
-
-@_group_rational_backward.register_fake
-def _(grad_output, x, numerator, denominator, dim, impl):
-    return torch.empty_like(x), torch.empty_like(numerator), torch.empty_like(denominator)
 
 
 def _setup_context(ctx, inputs, output):
@@ -678,33 +760,33 @@ def group_rational(
     ``impl`` picks the backward kernel on CUDA: "flashkat" (the default, deterministic) or the
     baselines "blocked" and "atomic".
     """
-    dim = reference.check_args(x, numerator, denominator, dim)
     _check_impl(impl)
-    if out_dtype is not None and not out_dtype.is_floating_point:
-        raise TypeError(f"group_rational: out_dtype must be a floating-point dtype, got {out_dtype}")
-    if HAS_TRITON and x.is_cuda and not torch.compiler.is_compiling():
+    if HAS_TRITON and isinstance(x, torch.Tensor) and x.is_cuda and not torch.compiler.is_compiling():
         return _EagerGroupRational.apply(x, numerator, denominator, dim, impl, out_dtype)
+    dim = _check_args(x, numerator, denominator, dim, out_dtype)
     return _group_rational(x, numerator, denominator, dim, impl, out_dtype)
 
 
 class _EagerGroupRational(torch.autograd.Function):
     """The same kernels as the registered op, through a plain autograd.Function.
 
-    In eager mode a Python custom op's dispatch costs about 0.6 ms per forward and backward
-    (measured on an H100 host: docs/BENCHMARKS.md), several times the GPU time of a small
-    layer; this path costs what the launches cost. ``torch.compile`` and ``opcheck`` use the
-    registered op, which is the one that has fake tensors.
+    In eager mode a Python custom op's dispatch and autograd wrapper cost several times the GPU
+    time of a small layer (measured on an H100 host: docs/BENCHMARKS.md); this path costs what
+    the launches cost. ``torch.compile`` and ``opcheck`` use the registered op.
     """
 
     @staticmethod
     def forward(ctx, x, numerator, denominator, dim, impl, out_dtype):
+        ctx.plan = plan = _plan(x, numerator, denominator, dim, out_dtype)
         ctx.save_for_backward(x, numerator, denominator)
-        ctx.dim, ctx.impl = dim, impl
-        return _launch_forward(x, numerator, denominator, dim, out_dtype)
+        ctx.impl = impl
+        return _launch_forward(x, numerator, denominator, plan)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, numerator, denominator = ctx.saved_tensors
-        backward = _launch_backward if ctx.impl == "flashkat" else BACKWARDS[ctx.impl]
-        dx, da, db = backward(grad_output, x, numerator, denominator, ctx.dim)
+        if ctx.impl == "flashkat":
+            dx, da, db = _launch_backward(grad_output, x, numerator, denominator, ctx.plan)
+        else:
+            dx, da, db = BACKWARDS[ctx.impl](grad_output, x, numerator, denominator, ctx.plan.dim)
         return dx, da, db, None, None, None
