@@ -556,6 +556,7 @@ def _plan(x, numerator, denominator, dim, out_dtype, symbolic: bool = False) -> 
 
 # Launchers of compiled kernels by launch key, for ``_launch``. FLASHKAT_FAST_LAUNCH=0 turns them off.
 _LAUNCHERS: dict = {}
+_TRACE_MAXNREG = False
 _FAST_LAUNCH = os.environ.get("FLASHKAT_FAST_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
@@ -587,12 +588,12 @@ def _direct_launcher(compiled, grid: tuple, constants: tuple, device_index: int)
     return launch
 
 
-def _launch(kernel, grid: tuple, args: tuple, meta: dict, key: tuple, traceable: bool = False) -> None:
-    """``kernel[grid](*args, **meta)``, fast after the first launch with the same ``key``.
+def _launch(kernel, grid: tuple, args: tuple, meta: dict, plan: _Plan, traceable: bool = False) -> None:
+    """``kernel[grid](*args, **meta)``, fast after the first launch with the same key.
 
     Triton's launcher binds and specialises every argument on every call, which costs more host
-    time than the GPU time of a small layer. ``key`` must fix everything that specialisation reads:
-    the plan (which fixes the grid, the integer arguments and the dtypes) and each tensor
+    time than the GPU time of a small layer. The key fixes everything that specialisation reads:
+    the kernel and plan (which fix the grid, the integer arguments and the dtypes) and each tensor
     argument's 16-byte alignment. ``traceable``: inside the registered op, which torch.compile
     traces; there inductor generates the launch itself (without the register cap, which it has
     no argument for).
@@ -601,8 +602,9 @@ def _launch(kernel, grid: tuple, args: tuple, meta: dict, key: tuple, traceable:
     if traceable:
         wrapped = torch.library.wrap_triton(kernel)
         if wrapped is not kernel:  # being traced
-            wrapped[grid](*args, **{name: value for name, value in meta.items() if name != "maxnreg"})
+            wrapped[grid](*args, **{name: value for name, value in meta.items() if name != "maxnreg" or _TRACE_MAXNREG})
             return
+    key = (kernel, plan.key, tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
     launcher = _LAUNCHERS.get(key) if _FAST_LAUNCH else None
     if launcher is not None:
         try:
@@ -615,10 +617,6 @@ def _launch(kernel, grid: tuple, args: tuple, meta: dict, key: tuple, traceable:
         _LAUNCHERS[key] = _direct_launcher(compiled, grid, constants, args[0].device.index)
         if _LAUNCHERS[key] is None:
             _FAST_LAUNCH = False
-
-
-def _aligned(*tensors: torch.Tensor) -> tuple:
-    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def triton_forward(
@@ -641,8 +639,7 @@ def _launch_forward(x, numerator, denominator, plan: _Plan, traceable: bool = Fa
         return y
     numerator, denominator = numerator.contiguous(), denominator.contiguous()
     grid, scalars, meta = plan.forward
-    key = None if traceable else ("forward", plan.key, _aligned(x, y, numerator, denominator))
-    _launch(_forward_kernel, grid, (x, y, numerator, denominator, *scalars), meta, key, traceable)
+    _launch(_forward_kernel, grid, (x, y, numerator, denominator, *scalars), meta, plan, traceable)
     return y
 
 
@@ -669,13 +666,11 @@ def _launch_backward(grad_output, x, numerator, denominator, plan: _Plan, tracea
         return dx, da.zero_(), db.zero_()
     numerator, denominator = numerator.contiguous(), denominator.contiguous()
     partials = torch.empty(plan.partials, device=x.device, dtype=torch.float64)
-    key = None if traceable else _aligned(x, grad_output, dx, numerator, denominator, partials, da, db)
     grid, scalars, meta = plan.backward
-    _launch(_backward_kernel, grid, (x, grad_output, dx, numerator, denominator, partials, *scalars), meta,
-            ("backward", plan.key, key), traceable)  # fmt: skip
+    _launch(_backward_kernel, grid, (x, grad_output, dx, numerator, denominator, partials, *scalars), meta, plan,
+            traceable)  # fmt: skip
     grid, scalars, meta = plan.reduce
-    _launch(_reduce_kernel, grid, (partials, numerator, da, denominator, db, *scalars), meta,
-            ("reduce", plan.key, key), traceable)  # fmt: skip
+    _launch(_reduce_kernel, grid, (partials, numerator, da, denominator, db, *scalars), meta, plan, traceable)
     return dx, da, db
 
 
