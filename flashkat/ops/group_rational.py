@@ -507,14 +507,15 @@ class _Plan:
     op runs 4 times per transformer block and a training step's host time counts (BENCHMARKS.md).
     """
 
-    def __init__(self, x, numerator, denominator, dim, out_dtype, shape, stride):
+    def __init__(self, x, numerator, denominator, dim, out_dtype):
+        shape, stride = tuple(x.shape), x.stride()
         self.dim = dim = _check_args(x, numerator, denominator, dim, out_dtype)
         self.out_dtype = out_dtype or x.dtype
         layout = _dense_layout(shape, stride, dim)
         self.dense = layout is not None  # else x is made contiguous before launch
         S, D, inner = layout or _contiguous_layout(shape, dim)
         self.empty = math.prod(shape) == 0
-        (groups_a, m), (groups_b, n) = (int(v) for v in numerator.shape), (int(v) for v in denominator.shape)
+        (groups_a, m), (groups_b, n) = numerator.shape, denominator.shape
         m -= 1
         key = (S, D, inner, x.dtype, m, n, groups_a, groups_b, _device_index(x))
         fwd, bwd = _config(*key, False), _config(*key, True)
@@ -534,29 +535,22 @@ class _Plan:
 _PLANS: dict = {}
 
 
-def _plan(x, numerator, denominator, dim, out_dtype, symbolic: bool = False) -> _Plan:
-    """The checked plan of a call (``ValueError``/``TypeError`` on bad arguments), cached by signature.
-
-    ``symbolic``: sizes may be symbolic (torch.compile's tracing with dynamic shapes); the plan is
-    made for their current values, which guards the compiled graph on them."""
+def _plan(x, numerator, denominator, dim, out_dtype) -> _Plan:
+    """The checked plan of a call (``ValueError``/``TypeError`` on bad arguments), cached by signature."""
     if not all(isinstance(t, torch.Tensor) for t in (x, numerator, denominator)):
         reference.check_args(x, numerator, denominator, dim)  # raises the TypeError
-    shape, stride, a_shape, b_shape = x.shape, x.stride(), numerator.shape, denominator.shape
-    if symbolic:
-        shape, stride, a_shape, b_shape = (tuple(int(v) for v in t) for t in (shape, stride, a_shape, b_shape))
-    signature = (shape, stride, x.dtype, x.device, a_shape, numerator.dtype, numerator.device,
-                 b_shape, denominator.dtype, denominator.device, dim, out_dtype)  # fmt: skip
+    signature = (x.shape, x.stride(), x.dtype, x.device, numerator.shape, numerator.dtype, numerator.device,
+                 denominator.shape, denominator.dtype, denominator.device, dim, out_dtype)  # fmt: skip
     plan = _PLANS.get(signature)
     if plan is None:
         if len(_PLANS) >= 4096:  # e.g. a sweep over shapes: start over rather than grow
             _PLANS.clear()
-        plan = _PLANS[signature] = _Plan(x, numerator, denominator, dim, out_dtype, tuple(shape), tuple(stride))
+        plan = _PLANS[signature] = _Plan(x, numerator, denominator, dim, out_dtype)
     return plan
 
 
 # Launchers of compiled kernels by launch key, for ``_launch``. FLASHKAT_FAST_LAUNCH=0 turns them off.
 _LAUNCHERS: dict = {}
-_TRACE_MAXNREG = False
 _FAST_LAUNCH = os.environ.get("FLASHKAT_FAST_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
@@ -588,23 +582,16 @@ def _direct_launcher(compiled, grid: tuple, constants: tuple, device_index: int)
     return launch
 
 
-def _launch(kernel, grid: tuple, args: tuple, meta: dict, plan: _Plan, traceable: bool = False) -> None:
+def _launch(kernel, grid: tuple, args: tuple, meta: dict, plan: _Plan) -> None:
     """``kernel[grid](*args, **meta)``, fast after the first launch with the same key.
 
     Triton's launcher binds and specialises every argument on every call, which costs more host
     time than the GPU time of a small layer. The key fixes everything that specialisation reads:
-    the kernel and plan (which fix the grid, the integer arguments and the dtypes) and each tensor
-    argument's 16-byte alignment. ``traceable``: inside the registered op, which torch.compile
-    traces; there inductor generates the launch itself (without the register cap, which it has
-    no argument for).
+    the kernel and plan (which fix the grid and the integer arguments) and each tensor argument's
+    dtype and 16-byte alignment.
     """
     global _FAST_LAUNCH
-    if traceable:
-        wrapped = torch.library.wrap_triton(kernel)
-        if wrapped is not kernel:  # being traced
-            wrapped[grid](*args, **{name: value for name, value in meta.items() if name != "maxnreg" or _TRACE_MAXNREG})
-            return
-    key = (kernel, plan.key, tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
+    key = (kernel, plan.key, tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)))
     launcher = _LAUNCHERS.get(key) if _FAST_LAUNCH else None
     if launcher is not None:
         try:
@@ -631,7 +618,7 @@ def triton_forward(
     return _launch_forward(x, numerator, denominator, _plan(x, numerator, denominator, dim, out_dtype))
 
 
-def _launch_forward(x, numerator, denominator, plan: _Plan, traceable: bool = False) -> torch.Tensor:
+def _launch_forward(x, numerator, denominator, plan: _Plan) -> torch.Tensor:
     if not plan.dense:  # e.g. a strided slice
         x = x.contiguous()
     y = torch.empty_like(x, dtype=plan.out_dtype)
@@ -639,7 +626,7 @@ def _launch_forward(x, numerator, denominator, plan: _Plan, traceable: bool = Fa
         return y
     numerator, denominator = numerator.contiguous(), denominator.contiguous()
     grid, scalars, meta = plan.forward
-    _launch(_forward_kernel, grid, (x, y, numerator, denominator, *scalars), meta, plan, traceable)
+    _launch(_forward_kernel, grid, (x, y, numerator, denominator, *scalars), meta, plan)
     return y
 
 
@@ -654,7 +641,7 @@ def triton_backward(
     return _launch_backward(grad_output, x, numerator, denominator, plan)
 
 
-def _launch_backward(grad_output, x, numerator, denominator, plan: _Plan, traceable: bool = False):
+def _launch_backward(grad_output, x, numerator, denominator, plan: _Plan):
     if not plan.dense:
         x = x.contiguous()
     if grad_output.stride() != x.stride():
@@ -667,16 +654,14 @@ def _launch_backward(grad_output, x, numerator, denominator, plan: _Plan, tracea
     numerator, denominator = numerator.contiguous(), denominator.contiguous()
     partials = torch.empty(plan.partials, device=x.device, dtype=torch.float64)
     grid, scalars, meta = plan.backward
-    _launch(_backward_kernel, grid, (x, grad_output, dx, numerator, denominator, partials, *scalars), meta, plan,
-            traceable)  # fmt: skip
+    _launch(_backward_kernel, grid, (x, grad_output, dx, numerator, denominator, partials, *scalars), meta, plan)
     grid, scalars, meta = plan.reduce
-    _launch(_reduce_kernel, grid, (partials, numerator, da, denominator, db, *scalars), meta, plan, traceable)
+    _launch(_reduce_kernel, grid, (partials, numerator, da, denominator, db, *scalars), meta, plan)
     return dx, da, db
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration. CUDA runs the Triton kernels (as a triton_op, so that torch.compile
-# traces into it and launches them from its own generated code), every other device the reference.
+# torch.library registration: CUDA runs the Triton kernels, every other device the reference.
 # Eager CUDA calls skip the dispatcher: see _EagerGroupRational.
 # ----------------------------------------------------------------------------------------------
 
@@ -700,26 +685,44 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"group_rational: impl must be 'flashkat', 'blocked' or 'atomic', got {impl!r}")
 
 
-@torch.library.triton_op("flashkat::group_rational", mutates_args=())
+# An opaque custom op, not a triton_op: inductor could not fuse our kernels with their neighbours
+# either way, and its launches of user-defined kernels cost more host time than ours (measured,
+# docs/BENCHMARKS.md), which at KAT-T's size is the step time.
+@torch.library.custom_op("flashkat::group_rational", mutates_args=())
 def _group_rational(
     x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int, impl: str, out_dtype: Optional[torch.dtype]
 ) -> torch.Tensor:
-    if HAS_TRITON and x.is_cuda:
-        plan = _plan(x, numerator, denominator, dim, out_dtype, symbolic=True)
-        return _launch_forward(x, numerator, denominator, plan, traceable=True)
     return reference.forward(x, numerator, denominator, dim).to(out_dtype or x.dtype)
 
 
-@torch.library.triton_op("flashkat::group_rational_backward", mutates_args=())
+@torch.library.custom_op("flashkat::group_rational_backward", mutates_args=())
 def _group_rational_backward(
     grad_output: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int, impl: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if HAS_TRITON and x.is_cuda:
-        if impl != "flashkat":  # the baselines launch their own kernels (not traceable)
-            return BACKWARDS[impl](grad_output, x, numerator, denominator, dim)
-        plan = _plan(x, numerator, denominator, dim, None, symbolic=True)
-        return _launch_backward(grad_output, x, numerator, denominator, plan, traceable=True)
     return reference.backward(grad_output, x, numerator, denominator, dim)
+
+
+if HAS_TRITON:
+
+    @_group_rational.register_kernel("cuda")
+    def _(x, numerator, denominator, dim, impl, out_dtype):
+        return _launch_forward(x, numerator, denominator, _plan(x, numerator, denominator, dim, out_dtype))
+
+    @_group_rational_backward.register_kernel("cuda")
+    def _(grad_output, x, numerator, denominator, dim, impl):
+        if impl != "flashkat":
+            return BACKWARDS[impl](grad_output, x, numerator, denominator, dim)
+        return _launch_backward(grad_output, x, numerator, denominator, _plan(x, numerator, denominator, dim, None))
+
+
+@_group_rational.register_fake
+def _(x, numerator, denominator, dim, impl, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype or x.dtype)
+
+
+@_group_rational_backward.register_fake
+def _(grad_output, x, numerator, denominator, dim, impl):
+    return torch.empty_like(x), numerator.new_empty(numerator.shape), denominator.new_empty(denominator.shape)
 
 
 def _setup_context(ctx, inputs, output):
