@@ -76,76 +76,87 @@ def compile_blocks(model: torch.nn.Module) -> None:
         block.compile()
 
 
-def train_throughput(
-    name: str, impl: str | None, dtype: torch.dtype, mode: str, batch: int, device: str,
-    warmup: int, steps: int, model_args: dict, seed: int = 0,
-) -> dict:  # fmt: skip
-    """Median training-step time and images/s of one model, implementation, dtype and mode."""
-    torch.manual_seed(seed)
-    if mode == "compile":
-        torch._dynamo.reset()  # fresh caches: no recompile limit hit across configurations
-    model = create_model(name, device, model_args)
-    if impl is not None and impl != CPU_LABEL:
-        if set_impl(model, impl) == 0:
-            raise RuntimeError(f"bench model: {name} has no GroupRational layers to set impl={impl!r} on")
-    if mode == "compile":
-        compile_blocks(model)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device == "cuda")
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-    size = model.patch_embed.img_size if hasattr(model, "patch_embed") else (224, 224)
-    images = torch.randn(batch, 3, *size, device=device)
-    labels = torch.randint(0, model.num_classes, (batch,), device=device)
+class TrainingStep:
+    """One model's training step (forward, cross-entropy, backward, AdamW) on a fixed random batch."""
 
-    def step() -> None:
-        with torch.autocast(device_type=device, dtype=dtype):
-            loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def __init__(self, name: str, impl: str | None, dtype: torch.dtype, mode: str, batch: int, device: str,
+                 model_args: dict, seed: int = 0) -> None:  # fmt: skip
+        torch.manual_seed(seed)
+        self.name, self.impl, self.dtype, self.mode, self.batch, self.device = name, impl, dtype, mode, batch, device
+        self.model = create_model(name, device, model_args)
+        if impl is not None and impl != CPU_LABEL:
+            if set_impl(self.model, impl) == 0:
+                raise RuntimeError(f"bench model: {name} has no GroupRational layers to set impl={impl!r} on")
+        if mode == "compile":
+            compile_blocks(self.model)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05, fused=device == "cuda")
+        self.scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+        self.size = self.model.patch_embed.img_size if hasattr(self.model, "patch_embed") else (224, 224)
+        self.images = torch.randn(batch, 3, *self.size, device=device)
+        self.labels = torch.randint(0, self.model.num_classes, (batch,), device=device)
+        self.samples: list[float] = []
+        self.first_step_s = self.timed()  # compiles kernels (and the blocks, in compile mode)
 
-    def timed() -> float:
-        if device == "cuda":
+    def step(self) -> None:
+        with torch.autocast(device_type=self.device, dtype=self.dtype):
+            loss = F.cross_entropy(self.model(self.images), self.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def timed(self) -> float:
+        if self.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
-        if device == "cuda":
+        self.step()
+        if self.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    first = timed()  # compiles kernels (and the blocks, in compile mode)
-    for _ in range(max(warmup - 1, 0)):
-        timed()
-    samples = [timed() for _ in range(steps)]
-    step_s = statistics.median(samples)
-    row = {"model": name, "impl": impl or "-", "dtype": str(dtype).replace("torch.", ""), "mode": mode,
-           "batch": batch, "img_size": size[0], "steps": steps, "step_ms": step_s * 1000,
-           "images_per_s": batch / step_s, "first_step_s": first}  # fmt: skip
-    del model, optimizer, scaler, images, labels
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    def row(self) -> dict:
+        step_s = statistics.median(self.samples)
+        return {"model": self.name, "impl": self.impl or "-", "dtype": str(self.dtype).replace("torch.", ""),
+                "mode": self.mode, "batch": self.batch, "img_size": self.size[0], "steps": len(self.samples),
+                "step_ms": step_s * 1000, "images_per_s": self.batch / step_s, "first_step_s": self.first_step_s}  # fmt: skip
 
 
 def benchmark(
     sizes: list[str], impls: list[str], dtypes: list[str], modes: list[str], batch: int, device: str,
     warmup: int, steps: int, atomic_steps: int, model_args: dict, desc: str = "bench model",
 ) -> list[dict]:  # fmt: skip
-    """ViT and KAT (each implementation) rows for every size, dtype and mode, with KAT's ratio to the ViT."""
-    cases = [(s, d, m, i) for s in sizes for d in dtypes for m in modes for i in [None, *impls]]
-    rows, vit = [], {}
-    for size, dtype, mode, impl in tqdm(cases, desc=desc, unit="config"):
+    """ViT and KAT (each implementation) rows for every size, dtype and mode, with KAT's ratio to the ViT.
+
+    The models of one (size, dtype, mode) are timed in turns, one step each per round: the host's
+    speed drifts over seconds (by up to 30% on a shared machine), and at KAT-T's size the step
+    time is host time, so only interleaved samples compare fairly.
+    """
+    groups = [(s, d, m) for s in sizes for d in dtypes for m in modes]
+    rows = []
+    for size, dtype, mode in tqdm(groups, desc=desc, unit="config"):
         kat_name, vit_name = model_names(size)
-        name = vit_name if impl is None else kat_name
-        count = atomic_steps if impl == "atomic" else steps
-        row = {"size": size, **train_throughput(name, impl, DTYPES[dtype], mode, batch, device, warmup, count, model_args)}
-        if impl is None:
-            vit[size, dtype, mode] = row["images_per_s"]
-        else:
-            row["vs_vit"] = row["images_per_s"] / vit[size, dtype, mode]
-        rows.append(row)
+        if mode == "compile":
+            torch._dynamo.reset()  # fresh caches: no recompile limit hit across configurations
+        runs = [TrainingStep(vit_name if impl is None else kat_name, impl, DTYPES[dtype], mode, batch, device,
+                             model_args) for impl in [None, *impls]]  # fmt: skip
+        for _ in range(max(warmup - 1, 0)):
+            for run in runs:
+                run.timed()
+        for i in range(steps):
+            for run in runs:
+                if run.impl != "atomic" or i < atomic_steps:
+                    run.samples.append(run.timed())
+        vit = runs[0].row()["images_per_s"]
+        for run in runs:
+            row = {"size": size, **run.row()}
+            if run.impl is not None:
+                row["vs_vit"] = row["images_per_s"] / vit
+            rows.append(row)
+        del runs
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -170,7 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-args", nargs="+", metavar="KEY=VALUE",
                         help="timm.create_model overrides (default on the CPU: img_size=32 patch_size=8 depth=2)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
-    parser.add_argument("--steps", type=int, help="timed steps (default 10 on a GPU, 3 on the CPU)")
+    parser.add_argument("--steps", type=int, help="timed steps per model (default 20 on a GPU, 3 on the CPU)")
     parser.add_argument("--atomic-steps", type=int, default=2, help="timed steps for the slow atomic implementation")
     parser.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for JSON and Markdown")
 
@@ -187,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     rows = benchmark(
         sizes=args.sizes or (list(SIZES) if gpu else ["tiny"]), impls=impls, dtypes=args.dtypes,
         modes=args.modes or (["eager", "compile"] if gpu else ["eager"]), batch=args.batch or (128 if gpu else 4),
-        device=device, warmup=args.warmup, steps=args.steps or (10 if gpu else 3), atomic_steps=args.atomic_steps,
+        device=device, warmup=args.warmup, steps=args.steps or (20 if gpu else 3), atomic_steps=args.atomic_steps,
         model_args=model_args,
     )  # fmt: skip
     table = markdown_table(rows, COLUMNS)
