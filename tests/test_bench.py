@@ -191,3 +191,14 @@ def test_compare_with_public_uses_spec_figures():
     assert rows[0]["ms / public_ms"] == pytest.approx(0.3 / PUBLIC_MS[768]["FlashKAT bwd"])
     assert rows[0]["public_x_floor"] == pytest.approx(0.279 / 0.083)
     assert compare_with_public(measured, 64) == []  # other shapes are not comparable
+
+
+def test_bench_host(tmp_path, capsys):
+    assert main(["bench", "host", "--calls", "3", "--output", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "host.json").read_text())["rows"]
+    calls = {r["call"] for r in rows}
+    assert {"group_rational forward+backward", "gelu forward+backward", "gelu forward (no_grad)"} <= calls
+    assert "triton_backward" in calls  # a GPU, or the interpreter (conftest)
+    assert all(r["host_us"] > 0 for r in rows)
+    table = last_table(capsys.readouterr().out)
+    assert table[0] == "| call | shape | host_us |" and len(table) == 2 + len(rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SUITES = {"kernels": "flashkat.bench.kernels", "model": "flashkat.bench.model"}
+SUITES = {"kernels": "flashkat.bench.kernels", "model": "flashkat.bench.model", "host": "flashkat.bench.host"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
