@@ -147,12 +147,10 @@ def benchmark(
             for run in runs:
                 if run.impl != "atomic" or i < atomic_steps:
                     run.samples.append(run.timed())
-        vit = runs[0].row()["images_per_s"]
-        for run in runs:
-            row = {"size": size, **run.row()}
-            if run.impl is not None:
-                row["vs_vit"] = row["images_per_s"] / vit
-            rows.append(row)
+        results = [{"size": size, **run.row()} for run in runs]
+        for row in results[1:]:
+            row["vs_vit"] = row["images_per_s"] / results[0]["images_per_s"]
+        rows += results
         del runs
         gc.collect()
         if device == "cuda":

@@ -242,11 +242,21 @@ if HAS_TRITON:
         return sums
 
     @triton.jit
-    def _zero_terms(M: tl.constexpr, N: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _zero_terms(M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                    DTYPE: tl.constexpr):  # fmt: skip
+        """m+1+n zero tiles: the start of running sums of the coefficient-gradient terms."""
         terms = ()
         for k in tl.static_range(M + 1 + N):
-            terms = terms + (tl.zeros((1, BLOCK_C), dtype=tl.float64),)
+            terms = terms + (tl.zeros((BLOCK_S, BLOCK_C), dtype=DTYPE),)
         return terms
+
+    @triton.jit
+    def _add_terms(sums, terms, M: tl.constexpr, N: tl.constexpr):
+        """Term-by-term sums + terms of two (m+1+n)-tuples."""
+        total = ()
+        for k in tl.static_range(M + 1 + N):
+            total = total + (sums[k] + terms[k],)
+        return total
 
     @triton.jit
     def _store_partials(partial_ptr, sums, col_mask, group, first_group, tile,
@@ -278,9 +288,7 @@ if HAS_TRITON:
         b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM_B)
 
         # Per-element running sums of each coefficient's gradient terms (registers only).
-        acc = ()
-        for k in tl.static_range(M + 1 + N):
-            acc = acc + (tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE),)
+        acc = _zero_terms(M, N, BLOCK_S, BLOCK_C, COMPUTE)
         largest = tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE)  # max |x| seen, for the range check
         start, step = tl.program_id(0) * BLOCK_S, tl.num_programs(0) * BLOCK_S
         x_ahead = _tile_at(x_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
@@ -295,10 +303,7 @@ if HAS_TRITON:
             dx, terms = _rational_grads(x, g, a, b, M, N, DX, COMPUTE, FAST)
             offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
             _store(dx_ptr, offsets, dx, mask, EVEN)
-            new_acc = ()
-            for k in tl.static_range(M + 1 + N):
-                new_acc = new_acc + (acc[k] + terms[k],)
-            acc = new_acc
+            acc = _add_terms(acc, terms, M, N)
         sums = _sum_terms(acc, M, N, UNIFORM_A, UNIFORM_B)  # float64 partials: few, exact to add up
 
         if tl.max(largest) > safe_limit:  # rare: redo this program's elements in float64
@@ -322,7 +327,7 @@ if HAS_TRITON:
         tl.debug_barrier()  # the main loop's dx stores come first
         a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
         b = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM_B)
-        sums = _sum_terms(_zero_terms(M, N, BLOCK_C), M, N, UNIFORM_A, UNIFORM_B)
+        sums = _sum_terms(_zero_terms(M, N, 1, BLOCK_C, tl.float64), M, N, UNIFORM_A, UNIFORM_B)
         for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
             for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):
                 offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
@@ -331,10 +336,7 @@ if HAS_TRITON:
                 dx, terms = _rational_grads(x, g, a, b, M, N, dx_ptr.dtype.element_ty, tl.float64, False)
                 tl.store(dx_ptr + offsets, dx, mask=mask)
                 row_sums = _sum_terms(terms, M, N, UNIFORM_A, UNIFORM_B)
-                new_sums = ()
-                for k in tl.static_range(M + 1 + N):
-                    new_sums = new_sums + (sums[k] + row_sums[k],)
-                sums = new_sums
+                sums = _add_terms(sums, row_sums, M, N)
         return sums
 
     @triton.jit
@@ -515,19 +517,18 @@ class _Plan:
         self.dense = layout is not None  # else x is made contiguous before launch
         S, D, inner = layout or _contiguous_layout(shape, dim)
         self.empty = math.prod(shape) == 0
-        (groups_a, m), (groups_b, n) = numerator.shape, denominator.shape
-        m -= 1
-        key = (S, D, inner, x.dtype, m, n, groups_a, groups_b, _device_index(x))
+        groups_a, m = numerator.shape[0], numerator.shape[1] - 1
+        groups_b, n = denominator.shape
+        self.key = key = (S, D, inner, x.dtype, m, n, groups_a, groups_b, _device_index(x))
         fwd, bwd = _config(*key, False), _config(*key, True)
-        self.key = key
         self.forward = ((fwd.programs_s, fwd.tiles_c), (S, D, inner, fwd.cpg_a, fwd.cpg_b, fwd.safe_limit),
                         dict(M=m, N=n, **fwd.meta()))  # fmt: skip
-        self.offset_b = bwd.programs_s * bwd.tiles_c * bwd.slots_a * (m + 1)  # B's partials follow A's
-        self.partials = self.offset_b + max(bwd.programs_s * bwd.tiles_c * bwd.slots_b * n, 1)
+        offset_b = bwd.programs_s * bwd.tiles_c * bwd.slots_a * (m + 1)  # B's partials follow A's
+        self.partials = offset_b + max(bwd.programs_s * bwd.tiles_c * bwd.slots_b * n, 1)
         self.backward = ((bwd.programs_s, bwd.tiles_c), (S, D, inner, bwd.cpg_a, bwd.cpg_b, bwd.safe_limit,
-                         self.offset_b), dict(M=m, N=n, SLOTS_A=bwd.slots_a, SLOTS_B=bwd.slots_b, **bwd.meta()))  # fmt: skip
+                         offset_b), dict(M=m, N=n, SLOTS_A=bwd.slots_a, SLOTS_B=bwd.slots_b, **bwd.meta()))  # fmt: skip
         self.reduce = ((groups_a + (groups_b if n > 0 else 0),),
-                       (self.offset_b, groups_a, bwd.programs_s, bwd.tiles_c, bwd.cpg_a, bwd.cpg_b),
+                       (offset_b, groups_a, bwd.programs_s, bwd.tiles_c, bwd.cpg_a, bwd.cpg_b),
                        dict(M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)), SLOTS_A=bwd.slots_a,
                             SLOTS_B=bwd.slots_b, BLOCK_C=bwd.block_c, BLOCK_P=256))  # fmt: skip
 
@@ -680,6 +681,13 @@ def _check_args(x, numerator, denominator, dim: int, out_dtype) -> int:
     return dim
 
 
+def _cuda_backward(grad_output, x, numerator, denominator, plan: _Plan, impl: str):
+    """(dx, d numerator, d denominator) by backward implementation ``impl``."""
+    if impl == "flashkat":
+        return _launch_backward(grad_output, x, numerator, denominator, plan)
+    return BACKWARDS[impl](grad_output, x, numerator, denominator, plan.dim)
+
+
 def _check_impl(impl: str) -> None:
     if impl not in ("flashkat", "blocked", "atomic"):
         raise ValueError(f"group_rational: impl must be 'flashkat', 'blocked' or 'atomic', got {impl!r}")
@@ -710,9 +718,7 @@ if HAS_TRITON:
 
     @_group_rational_backward.register_kernel("cuda")
     def _(grad_output, x, numerator, denominator, dim, impl):
-        if impl != "flashkat":
-            return BACKWARDS[impl](grad_output, x, numerator, denominator, dim)
-        return _launch_backward(grad_output, x, numerator, denominator, _plan(x, numerator, denominator, dim, None))
+        return _cuda_backward(grad_output, x, numerator, denominator, _plan(x, numerator, denominator, dim, None), impl)
 
 
 @_group_rational.register_fake
@@ -783,8 +789,5 @@ class _EagerGroupRational(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, numerator, denominator = ctx.saved_tensors
-        if ctx.impl == "flashkat":
-            dx, da, db = _launch_backward(grad_output, x, numerator, denominator, ctx.plan)
-        else:
-            dx, da, db = BACKWARDS[ctx.impl](grad_output, x, numerator, denominator, ctx.plan.dim)
+        dx, da, db = _cuda_backward(grad_output, x, numerator, denominator, ctx.plan, ctx.impl)
         return dx, da, db, None, None, None
