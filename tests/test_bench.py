@@ -202,3 +202,10 @@ def test_bench_host(tmp_path, capsys):
     assert all(r["host_us"] > 0 for r in rows)
     table = last_table(capsys.readouterr().out)
     assert table[0] == "| call | shape | host_us |" and len(table) == 2 + len(rows)
+
+
+@pytest.mark.parametrize("args", [["host", "--calls", "0"], ["model", "--steps", "0"], ["model", "--atomic-steps", "-1"]])
+def test_bench_counts_must_be_positive(args, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", *args])
+    assert "must be at least 1" in capsys.readouterr().err

@@ -15,6 +15,7 @@ tensors with the same timer (see docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -87,6 +88,14 @@ def _graph_time_ms(fn: Callable[[], object], rep_ms: int, min_reps: int = 3, max
     samples = replays(count)
     del graph
     return float(statistics.median(samples))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count of steps, calls or images)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def environment(device: str) -> dict:

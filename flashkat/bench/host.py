@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from flashkat import reference
-from flashkat.bench.harness import environment, markdown_table, write_results
+from flashkat.bench.harness import environment, markdown_table, positive_int, write_results
 from flashkat.ops import group_rational as op
 
 
@@ -75,7 +75,7 @@ def measure(device: str, calls: int, rows: int = 64, channels: int = 192) -> lis
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calls", type=int, help="timed calls per row (default 500 on a GPU, 20 on the CPU)")
+    parser.add_argument("--calls", type=positive_int, help="timed calls per row (default 500 on a GPU, 20 on the CPU)")
     parser.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for JSON and Markdown")
 
 

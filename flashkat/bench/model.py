@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import flashkat.ops.baselines  # noqa: F401  (registers the "blocked" and "atomic" backwards)
-from flashkat.bench.harness import environment, markdown_table, write_results
+from flashkat.bench.harness import environment, markdown_table, positive_int, write_results
 
 SIZES = ("tiny", "small", "base")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -175,12 +175,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backward implementations (default: flashkat blocked; atomic is opt-in)")  # fmt: skip
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
     parser.add_argument("--modes", nargs="+", choices=["eager", "compile"], help="default: both on a GPU, eager on the CPU")
-    parser.add_argument("--batch", type=int, help="images per step (default 128 on a GPU, 4 on the CPU)")
+    parser.add_argument("--batch", type=positive_int, help="images per step (default 128 on a GPU, 4 on the CPU)")
     parser.add_argument("--model-args", nargs="+", metavar="KEY=VALUE",
                         help="timm.create_model overrides (default on the CPU: img_size=32 patch_size=8 depth=2)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
-    parser.add_argument("--steps", type=int, help="timed steps per model (default 20 on a GPU, 3 on the CPU)")
-    parser.add_argument("--atomic-steps", type=int, default=2, help="timed steps for the slow atomic implementation")
+    parser.add_argument("--steps", type=positive_int, help="timed steps per model (default 20 on a GPU, 3 on the CPU)")
+    parser.add_argument("--atomic-steps", type=positive_int, default=2, help="timed steps for the slow atomic implementation")
     parser.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for JSON and Markdown")
 
 
