@@ -101,8 +101,8 @@ if op.HAS_TRITON:
         COMPUTE: tl.constexpr, INDEX_64: tl.constexpr, FAST: tl.constexpr, WORK: tl.constexpr,
     ):  # fmt: skip
         """KAT's reduction: one tile per program, every element atomically adds its m+1+n terms."""
-        cols, col_mask, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, BLOCK_C, UNIFORM_A, UNIFORM_B,
-                                                 INDEX_64)  # fmt: skip
+        cols, col_mask, _, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, BLOCK_C, 1, UNIFORM_A,
+                                                    UNIFORM_B, INDEX_64)  # fmt: skip
         a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
         b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM_B)
         rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -149,7 +149,7 @@ if op.HAS_TRITON:
     ):  # fmt: skip
         """FlashKAT's reduction: sum ROWS rows of one column tile in registers, then atomics."""
         pid_c = tl.program_id(1)
-        cols, col_mask, group_a, group_b = _tile(pid_c, D, cpg_a, cpg_b, BLOCK_C, UNIFORM_A, UNIFORM_B, INDEX_64)
+        cols, col_mask, _, group_a, group_b = _tile(pid_c, D, cpg_a, cpg_b, BLOCK_C, 1, UNIFORM_A, UNIFORM_B, INDEX_64)
         a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
         b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM_B)
         acc = _zero_terms(M, N, BLOCK_S, BLOCK_C, COMPUTE)
@@ -205,12 +205,15 @@ def _launch(kind, grad_output, x, numerator, denominator, dim, work):
     if x.numel() == 0:
         return (dx, *_finish(fine_a, fine_b, numerator, denominator))
     cfg = op._config(S, D, inner, x.dtype, m, n, numerator.shape[0], denominator.shape[0], op._device_index(x), True)
-    # The op's tiles and flags (not cfg.meta(): its pipelining options belong to its own kernels)
-    common = dict(M=m, N=n, WORK=work, BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, UNIFORM_A=cfg.uniform_a,
-                  UNIFORM_B=cfg.uniform_b, EVEN=cfg.even, COMPUTE=cfg.compute, INDEX_64=cfg.index_64, FAST=cfg.fast,
+    # The op's tile width and flags (not cfg.meta(): its pipelining options belong to its own
+    # kernels), with unfolded tiles' rows (the op's 16-bit tiles are sized for shared running sums)
+    block_s = max(op._TUNING["backward_elements"] // cfg.block_c, 1)
+    even = S % block_s == 0 and D % cfg.block_c == 0
+    common = dict(M=m, N=n, WORK=work, BLOCK_S=block_s, BLOCK_C=cfg.block_c, UNIFORM_A=cfg.uniform_a,
+                  UNIFORM_B=cfg.uniform_b, EVEN=even, COMPUTE=cfg.compute, INDEX_64=cfg.index_64, FAST=cfg.fast,
                   num_warps=cfg.num_warps)  # fmt: skip
     if kind == "atomic":
-        grid = (triton.cdiv(S, cfg.block_s), cfg.tiles_c)
+        grid = (triton.cdiv(S, block_s), cfg.tiles_c)
         _atomic_backward_kernel[grid](
             x, grad_output, dx, numerator, denominator, fine_a, fine_b,
             S, D, inner, cpg_a, cpg_b, cpg_f, 0.0, **common,
@@ -218,7 +221,7 @@ def _launch(kind, grad_output, x, numerator, denominator, dim, work):
     else:
         # As many programs (and atomics) as FlashKAT's launch: one per 64 rows and group width.
         rows = max(_FLASHKAT_ROWS * cpg_f // cfg.block_c, 1)
-        rows = triton.cdiv(rows, cfg.block_s) * cfg.block_s
+        rows = triton.cdiv(rows, block_s) * block_s
         uniform_f = cpg_f % cfg.block_c == 0
         slots_f = 1 if uniform_f else op._group_slots(cfg.block_c, cpg_f)
         _blocked_backward_kernel[(triton.cdiv(S, rows), cfg.tiles_c)](

@@ -48,21 +48,75 @@ __all__ = ["group_rational", "triton_forward", "triton_backward", "HAS_TRITON"]
 if HAS_TRITON:
 
     @triton.jit
-    def _tile(pid_c, D, cpg_a, cpg_b, BLOCK_C: tl.constexpr, UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr,
-              INDEX_64: tl.constexpr):  # fmt: skip
-        """This program's BLOCK_C columns, their mask, and their numerator and denominator groups.
+    def _tile(pid_c, D, cpg_a, cpg_b, BLOCK_C: tl.constexpr, FOLD: tl.constexpr, UNIFORM_A: tl.constexpr,
+              UNIFORM_B: tl.constexpr, INDEX_64: tl.constexpr):  # fmt: skip
+        """This program's BLOCK_C columns and their mask; then, per fold (FOLD adjacent columns, all
+        in one group: see ``_column_parts``), its mask and numerator and denominator groups.
 
         A UNIFORM set has the whole tile inside one of its groups, so its group (and later its
-        coefficients) is a scalar; otherwise it is a per-column vector.
+        coefficients) is a scalar; otherwise it is a per-fold vector.
         """
         first = pid_c * BLOCK_C
         cols = first + tl.arange(0, BLOCK_C)
         col_mask = cols < D
-        group_a = first // cpg_a if UNIFORM_A else cols // cpg_a
-        group_b = first // cpg_b if UNIFORM_B else cols // cpg_b
+        folds = first + tl.arange(0, BLOCK_C // FOLD) * FOLD  # each fold's first column
+        group_a = first // cpg_a if UNIFORM_A else folds // cpg_a
+        group_b = first // cpg_b if UNIFORM_B else folds // cpg_b
         if INDEX_64:
             cols = cols.to(tl.int64)
-        return cols, col_mask, group_a, group_b
+        return cols, col_mask, folds < D, group_a, group_b
+
+    @triton.jit
+    def _unzip(t):
+        """Even and odd columns of a 2D tile (no data moves where each thread holds column pairs)."""
+        return tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+
+    @triton.jit
+    def _zip(even, odd):
+        """The inverse of ``_unzip``."""
+        return tl.reshape(tl.join(even, odd), (even.shape[0], even.shape[1] * 2))
+
+    @triton.jit
+    def _column_parts(t, FOLD: tl.constexpr):
+        """The tile as FOLD tiles, each with one column of every fold (FOLD adjacent columns).
+
+        Work on the parts one after another lets a thread add the gradient terms of the FOLD
+        adjacent elements it holds into one running sum: FOLD times fewer accumulator registers.
+        """
+        if FOLD == 1:
+            parts = (t,)
+        else:
+            even, odd = _unzip(t)
+            if FOLD == 2:
+                parts = (even, odd)
+            else:
+                e0, e1 = _unzip(even)
+                o0, o1 = _unzip(odd)
+                if FOLD == 4:
+                    parts = (e0, e1, o0, o1)
+                else:
+                    tl.static_assert(FOLD == 8, "FOLD must be 1, 2, 4 or 8")
+                    a0, a1 = _unzip(e0)
+                    b0, b1 = _unzip(e1)
+                    c0, c1 = _unzip(o0)
+                    d0, d1 = _unzip(o1)
+                    parts = (a0, a1, b0, b1, c0, c1, d0, d1)
+        return parts
+
+    @triton.jit
+    def _join_parts(parts, FOLD: tl.constexpr):
+        """The inverse of ``_column_parts``."""
+        if FOLD == 1:
+            t = parts[0]
+        elif FOLD == 2:
+            t = _zip(parts[0], parts[1])
+        elif FOLD == 4:
+            t = _zip(_zip(parts[0], parts[1]), _zip(parts[2], parts[3]))
+        else:
+            even = _zip(_zip(parts[0], parts[1]), _zip(parts[2], parts[3]))
+            odd = _zip(_zip(parts[4], parts[5]), _zip(parts[6], parts[7]))
+            t = _zip(even, odd)
+        return t
 
     @triton.jit
     def _offsets(rows, cols, S, D, INNER, col_mask, INDEX_64: tl.constexpr):
@@ -136,9 +190,29 @@ if HAS_TRITON:
             return h
 
     @triton.jit
+    def _derivative(x, c, K: tl.constexpr, SHIFT: tl.constexpr):
+        """sum_{k < K} (k+1) c[k+SHIFT] x^k by Horner's rule: the derivative of P (c = A, SHIFT = 1)
+        or, in |x|, of Q (c = |B|, SHIFT = 0)."""
+        if K == 0:
+            return tl.zeros_like(x)
+        else:
+            scaled = ()
+            for k in tl.static_range(K):
+                scaled = scaled + ((k + 1) * c[k + SHIFT],)
+            return _horner(x, scaled, K - 1)
+
+    @triton.jit
+    def _cast(v, DTYPE: tl.constexpr):
+        """v as DTYPE; float64 reaches 16-bit types through float32 (the Triton interpreter's direct
+        float64 -> bfloat16 cast returns garbage)."""
+        if v.dtype == tl.float64 and DTYPE.primitive_bitwidth == 16:
+            v = v.to(tl.float32)
+        return v.to(DTYPE)
+
+    @triton.jit
     def _rational_value(x, a, b, M: tl.constexpr, N: tl.constexpr, OUT: tl.constexpr, FAST: tl.constexpr):
         p, q = _rational(x, tl.abs(x), a, b, M, N)
-        return (p * _reciprocal(q, FAST)).to(OUT)
+        return _cast(p * _reciprocal(q, FAST), OUT)
 
     @triton.jit
     def _power(x, k: tl.constexpr):
@@ -166,12 +240,8 @@ if HAS_TRITON:
         p, q = _rational(x, ax, a, b, M, N)
         r = _reciprocal(q, FAST)
         f = p * r
-        dp = tl.zeros_like(x)  # P'(x)
-        for i in tl.static_range(M, 0, -1):
-            dp = dp * x + i * a[i]
-        dq = tl.zeros_like(x)  # Q'(x) / sign(x), sign(0) = +1
-        for j in tl.static_range(N, 0, -1):
-            dq = dq * ax + j * b[j - 1]
+        dp = _derivative(x, a, M, 1)  # P'(x)
+        dq = _derivative(ax, b, N, 0)  # Q'(x) / sign(x), sign(0) = +1
         gr = g * r
         dx = gr * (dp - f * tl.where(x >= 0, dq, -dq))
         terms = (gr.to(TERMS),)
@@ -183,7 +253,7 @@ if HAS_TRITON:
                 terms = terms + ((w * _power(x, j + 1)).to(TERMS),)
             else:
                 terms = terms + ((w * ax * _power(x, j)).to(TERMS),)
-        return dx.to(DX), terms
+        return _cast(dx, DX), terms
 
     @triton.jit
     def _forward_kernel(
@@ -193,8 +263,8 @@ if HAS_TRITON:
         UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
         COMPUTE: tl.constexpr, INDEX_64: tl.constexpr, FAST: tl.constexpr,
     ):  # fmt: skip
-        cols, col_mask, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, BLOCK_C, UNIFORM_A, UNIFORM_B,
-                                                 INDEX_64)  # fmt: skip
+        cols, col_mask, _, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, BLOCK_C, 1, UNIFORM_A,
+                                                    UNIFORM_B, INDEX_64)  # fmt: skip
         a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
         b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM_B)
         largest = tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE)  # max |x| seen, for the range check
@@ -273,71 +343,86 @@ if HAS_TRITON:
                 tl.store(partial_ptr + (tile * SLOTS + slots) * K + k, per_slot)
 
     @triton.jit
+    def _accumulate_tile(x, g, a, b, acc, largest, M: tl.constexpr, N: tl.constexpr, FOLD: tl.constexpr,
+                         DX: tl.constexpr, COMPUTE: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+        """dx of a tile (as DX); ``acc`` plus its coefficient-gradient terms, FOLD adjacent columns
+        per running sum; ``largest`` updated with its |x|."""
+        xs, gs = _column_parts(x, FOLD), _column_parts(g, FOLD)
+        dxs = ()
+        for p in tl.static_range(FOLD):
+            xp = xs[p].to(COMPUTE)
+            largest = tl.maximum(largest, tl.abs(xp))
+            dx, terms = _rational_grads(xp, gs[p].to(COMPUTE), a, b, M, N, DX, COMPUTE, FAST)  # masked: g = 0
+            acc = _add_terms(acc, terms, M, N)
+            dxs = dxs + (dx,)
+        return _join_parts(dxs, FOLD), acc, largest
+
+    @triton.jit
     def _backward_kernel(
         x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, partial_ptr,
         S, D, INNER, cpg_a, cpg_b, safe_limit, offset_b,
-        M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+        M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, FOLD: tl.constexpr,
         UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
         SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, COMPUTE: tl.constexpr, INDEX_64: tl.constexpr,
         FAST: tl.constexpr,
     ):  # fmt: skip
         DX: tl.constexpr = dx_ptr.dtype.element_ty
         pid_c = tl.program_id(1)
-        cols, col_mask, group_a, group_b = _tile(pid_c, D, cpg_a, cpg_b, BLOCK_C, UNIFORM_A, UNIFORM_B, INDEX_64)
-        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
-        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM_B)
+        cols, col_mask, fold_mask, group_a, group_b = _tile(pid_c, D, cpg_a, cpg_b, BLOCK_C, FOLD, UNIFORM_A,
+                                                            UNIFORM_B, INDEX_64)  # fmt: skip
+        a = _load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, COMPUTE, UNIFORM_A)
+        b = _load_coefficients(b_ptr, group_b, fold_mask, N, True, COMPUTE, UNIFORM_B)
 
-        # Per-element running sums of each coefficient's gradient terms (registers only).
-        acc = _zero_terms(M, N, BLOCK_S, BLOCK_C, COMPUTE)
-        largest = tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE)  # max |x| seen, for the range check
+        # Running sums of each coefficient's gradient terms, one per FOLD elements (registers only).
+        acc = _zero_terms(M, N, BLOCK_S, BLOCK_C // FOLD, COMPUTE)
+        largest = tl.zeros((BLOCK_S, BLOCK_C // FOLD), dtype=COMPUTE)  # max |x| seen, for the range check
         start, step = tl.program_id(0) * BLOCK_S, tl.num_programs(0) * BLOCK_S
         x_ahead = _tile_at(x_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
         g_ahead = _tile_at(g_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
         for s0 in range(start, S, step):
             # The next tile is loaded before this one is worked on, so memory latency overlaps work.
-            x = x_ahead.to(COMPUTE)
-            g = g_ahead.to(COMPUTE)  # masked: g = 0, so every term is 0
+            x, g = x_ahead, g_ahead
             x_ahead = _tile_at(x_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
             g_ahead = _tile_at(g_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
-            largest = tl.maximum(largest, tl.abs(x))
-            dx, terms = _rational_grads(x, g, a, b, M, N, DX, COMPUTE, FAST)
+            dx, acc, largest = _accumulate_tile(x, g, a, b, acc, largest, M, N, FOLD, DX, COMPUTE, FAST)
             offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
             _store(dx_ptr, offsets, dx, mask, EVEN)
-            acc = _add_terms(acc, terms, M, N)
         sums = _sum_terms(acc, M, N, UNIFORM_A, UNIFORM_B)  # float64 partials: few, exact to add up
 
         if tl.max(largest) > safe_limit:  # rare: redo this program's elements in float64
-            sums = _redo_backward_in_float64(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b,
-                                             S, D, INNER, M, N, BLOCK_S, BLOCK_C, UNIFORM_A, UNIFORM_B, INDEX_64)  # fmt: skip
+            sums = _redo_backward_in_float64(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, cols, col_mask, fold_mask, group_a,
+                                             group_b, S, D, INNER, M, N, BLOCK_S, BLOCK_C, FOLD, UNIFORM_A,
+                                             UNIFORM_B, INDEX_64)  # fmt: skip
 
         # Once per program: one value per (group slot, coefficient), with plain stores.
         tile = tl.program_id(0) * tl.num_programs(1) + pid_c
         first = pid_c * BLOCK_C
-        _store_partials(partial_ptr, sums, col_mask, group_a, first // cpg_a, tile, 0, M + 1, SLOTS_A, UNIFORM_A)
+        _store_partials(partial_ptr, sums, fold_mask, group_a, first // cpg_a, tile, 0, M + 1, SLOTS_A, UNIFORM_A)
         if N > 0:  # B's partials follow A's in the same buffer
-            _store_partials(partial_ptr + offset_b, sums, col_mask, group_b, first // cpg_b, tile, M + 1, N, SLOTS_B,
+            _store_partials(partial_ptr + offset_b, sums, fold_mask, group_b, first // cpg_b, tile, M + 1, N, SLOTS_B,
                             UNIFORM_B)  # fmt: skip
 
     @triton.jit
-    def _redo_backward_in_float64(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b, S, D, INNER,
-                                  M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                                  UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, INDEX_64: tl.constexpr):  # fmt: skip
+    def _redo_backward_in_float64(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, cols, col_mask, fold_mask, group_a, group_b,
+                                  S, D, INNER, M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr,
+                                  BLOCK_C: tl.constexpr, FOLD: tl.constexpr, UNIFORM_A: tl.constexpr,
+                                  UNIFORM_B: tl.constexpr, INDEX_64: tl.constexpr):  # fmt: skip
         """Overwrite this program's dx with a float64 evaluation and return its float64 column sums,
         a row at a time (few registers)."""
         tl.debug_barrier()  # the main loop's dx stores come first
-        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
-        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM_B)
-        sums = _sum_terms(_zero_terms(M, N, 1, BLOCK_C, tl.float64), M, N, UNIFORM_A, UNIFORM_B)
+        a = _load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, tl.float64, UNIFORM_A)
+        b = _load_coefficients(b_ptr, group_b, fold_mask, N, True, tl.float64, UNIFORM_B)
+        acc = _zero_terms(M, N, 1, BLOCK_C // FOLD, tl.float64)
+        unused = tl.zeros((1, BLOCK_C // FOLD), dtype=tl.float64)
         for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
             for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):
                 offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-                g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-                dx, terms = _rational_grads(x, g, a, b, M, N, dx_ptr.dtype.element_ty, tl.float64, False)
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+                g = tl.load(g_ptr + offsets, mask=mask, other=0.0)
+                dx, acc, _ = _accumulate_tile(x, g, a, b, acc, unused, M, N, FOLD, dx_ptr.dtype.element_ty,
+                                              tl.float64, False)  # fmt: skip
                 tl.store(dx_ptr + offsets, dx, mask=mask)
-                row_sums = _sum_terms(terms, M, N, UNIFORM_A, UNIFORM_B)
-                sums = _add_terms(sums, row_sums, M, N)
-        return sums
+        return _sum_terms(acc, M, N, UNIFORM_A, UNIFORM_B)
 
     @triton.jit
     def _reduce_group(partial_ptr, coef_ptr, out_ptr, group, programs_s, tiles_c, cpg,
@@ -449,11 +534,26 @@ def _group_slots(width: int, cpg: int) -> int:
     return min(_next_pow2((width - 1) // cpg + 2), width)
 
 
+def _fold(config: "_Config", dtype: torch.dtype, inner: int, elements: int) -> int:
+    """Adjacent columns per running sum in the backward (see ``_column_parts``): at most the columns
+    one thread holds (a 16-byte load's worth), and within one group of every non-uniform set."""
+    if inner != 1 or dtype.itemsize > 4:
+        return 1
+    wanted = _TUNING["backward_fold_16bit" if dtype.itemsize == 2 else "backward_fold_32bit"]
+    per_thread = min(16 // dtype.itemsize, config.block_c, max(elements // (32 * config.num_warps), 1))
+    fold = min(wanted, per_thread)
+    for cpg, uniform in ((config.cpg_a, config.uniform_a), (config.cpg_b, config.uniform_b)):
+        if not uniform:
+            fold = min(fold, cpg & -cpg)  # largest power of two dividing the group width
+    return fold
+
+
 _INDEX_64_FROM = 2**31 - 1  # element count from which offsets are computed in int64
 
 # Tile sizes and grid occupancy; the defaults were chosen by measurement (docs/BENCHMARKS.md).
-_TUNING = dict(forward_elements=1024, backward_elements=512, num_warps=4, forward_waves=8, backward_waves=4,
-               backward_maxnreg=80, backward_capped_waves=6)  # fmt: skip
+_TUNING = dict(forward_elements=1024, backward_elements=512, backward_elements_16bit=1024, num_warps=4,
+               forward_waves=8, backward_waves=4, backward_maxnreg=80, backward_capped_waves=6,
+               backward_fold_16bit=8, backward_fold_32bit=1)  # fmt: skip
 
 
 class _Config:
@@ -466,13 +566,22 @@ class _Config:
         self.uniform_b = groups_b == 1 or self.cpg_b % self.block_c == 0
         self.slots_a = 1 if self.uniform_a else _group_slots(self.block_c, self.cpg_a)
         self.slots_b = 1 if self.uniform_b else _group_slots(self.block_c, self.cpg_b)
-        elements = _TUNING["backward_elements" if backward else "forward_elements"]
-        self.block_s = max(elements // self.block_c, 1)
         self.num_warps = _TUNING["num_warps"]
+        elements = _TUNING["forward_elements"]
+        self.fold = 1
+        if backward:
+            # 16-bit tiles twice as large (a 16-byte load per thread) where a thread's elements
+            # share running sums; unfolded, every element needs its own m+1+n of them
+            elements = _TUNING["backward_elements_16bit" if dtype.itemsize == 2 else "backward_elements"]
+            self.fold = _fold(self, dtype, inner, elements)
+            if self.fold == 1:
+                elements = _TUNING["backward_elements"]
+        self.block_s = max(elements // self.block_c, 1)
         self.tiles_c = triton.cdiv(D, self.block_c)
-        # a register cap buys more resident programs per SM where nothing spills (uniform tiles)
-        # (measured at KAT's order; above it the cap made the backward spill)
-        self.capped = (backward and self.uniform_a and self.uniform_b and m + 1 + n <= 10
+        # a register cap buys more resident programs per SM where nothing spills: uniform tiles
+        # (coefficients are scalars) or folded ones (few running sums), at KAT's order or below
+        # (measured; above it the cap made the backward spill)
+        self.capped = (backward and (self.uniform_a and self.uniform_b or self.fold > 1) and m + 1 + n <= 10
                        and bool(_TUNING["backward_maxnreg"]))  # fmt: skip
         self.launch = dict(num_warps=self.num_warps, **({"maxnreg": _TUNING["backward_maxnreg"]} if self.capped else {}))
         waves = _TUNING["backward_capped_waves" if self.capped else "backward_waves" if backward else "forward_waves"]
@@ -526,7 +635,7 @@ class _Plan:
         offset_b = bwd.programs_s * bwd.tiles_c * bwd.slots_a * (m + 1)  # B's partials follow A's
         self.partials = offset_b + max(bwd.programs_s * bwd.tiles_c * bwd.slots_b * n, 1)
         self.backward = ((bwd.programs_s, bwd.tiles_c), (S, D, inner, bwd.cpg_a, bwd.cpg_b, bwd.safe_limit,
-                         offset_b), dict(M=m, N=n, SLOTS_A=bwd.slots_a, SLOTS_B=bwd.slots_b, **bwd.meta()))  # fmt: skip
+                         offset_b), dict(M=m, N=n, FOLD=bwd.fold, SLOTS_A=bwd.slots_a, SLOTS_B=bwd.slots_b, **bwd.meta()))  # fmt: skip
         self.reduce = ((groups_a + (groups_b if n > 0 else 0),),
                        (offset_b, groups_a, bwd.programs_s, bwd.tiles_c, bwd.cpg_a, bwd.cpg_b),
                        dict(M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)), SLOTS_A=bwd.slots_a,
