@@ -162,8 +162,10 @@ def test_public_function_matches_reference_and_differentiates():
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_opcheck(device):
-    x = torch.randn(3, 5, 16, device=device, requires_grad=True)
-    a, b = (t.to(device).requires_grad_() for t in random_coefficients(1, 8, (5, 4)))
+    """The operators (differentiated by flashkat.group_rational's autograd.Function, not by an
+    autograd kernel: gradients are checked by the gradcheck and compile tests)."""
+    x = torch.randn(3, 5, 16, device=device)
+    a, b = (t.to(device) for t in random_coefficients(1, 8, (5, 4)))
     torch.library.opcheck(torch.ops.flashkat.group_rational.default, (x, a, b, -1, "flashkat", None))
     torch.library.opcheck(torch.ops.flashkat.group_rational.default, (x, a, b, -1, "flashkat", torch.bfloat16))
     g = torch.randn(3, 5, 16, device=device)
@@ -318,12 +320,13 @@ def test_views_of_any_alignment_after_aligned_calls():
 
 
 @pytest.mark.parametrize("impl", ["flashkat", "blocked", "atomic"])
-def test_eager_path_matches_the_registered_op(impl):
-    """CUDA tensors in eager mode take a plain autograd.Function over the same launchers (the
-    custom op's dispatch costs more than small layers' kernels); run it here on DEVICE."""
+def test_eager_path_matches_the_registered_op(impl, monkeypatch):
+    """CUDA tensors in eager mode launch the kernels without the dispatcher (its Python kernels
+    cost more than small layers' kernels); run that path here on DEVICE."""
+    monkeypatch.setattr(op, "_launches_directly", lambda x: True)
     x = torch.randn(3, 11, 64, device=DEVICE, requires_grad=True)
     a, b = (t.requires_grad_() for t in random_coefficients(1, 8, (5, 4)))
-    y = op._EagerGroupRational.apply(x, a, b, 2, impl, None)
+    y = flashkat.group_rational(x, a, b, 2, impl)
     g = torch.randn_like(y)
     dx, da, db = torch.autograd.grad(y, (x, a, b), g)
     ry = reference.forward(x.detach().double(), a.detach().double(), b.detach().double())

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Optional
 
 import torch
 
@@ -772,7 +771,7 @@ def _launch_backward(grad_output, x, numerator, denominator, plan: _Plan):
 
 # ----------------------------------------------------------------------------------------------
 # torch.library registration: CUDA runs the Triton kernels, every other device the reference.
-# Eager CUDA calls skip the dispatcher: see _EagerGroupRational.
+# Eager CUDA calls skip the dispatcher: see _GroupRational.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -802,20 +801,24 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"group_rational: impl must be 'flashkat', 'blocked' or 'atomic', got {impl!r}")
 
 
-# An opaque custom op, not a triton_op: inductor could not fuse our kernels with their neighbours
-# either way, and its launches of user-defined kernels cost more host time than ours (measured,
-# docs/BENCHMARKS.md), which at KAT-T's size is the step time.
-@torch.library.custom_op("flashkat::group_rational", mutates_args=())
-def _group_rational(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int, impl: str, out_dtype: Optional[torch.dtype]
-) -> torch.Tensor:
+# Two opaque operators, defined with the low-level torch.library API and differentiated by
+# ``_GroupRational`` (an autograd.Function), not by a registered autograd kernel: a compiled graph
+# calls them 4 times per KAT block, and ``custom_op``'s Python autograd and kernel wrappers cost
+# ~20 us per call on an H100 host (measured, docs/BENCHMARKS.md) where the dispatcher alone costs
+# ~5. Not a triton_op either: inductor could not fuse our kernels with their neighbours, and its
+# launches of user-defined kernels cost more host time than ours (measured).
+_LIB = torch.library.Library("flashkat", "DEF")
+_LIB.define("group_rational(Tensor x, Tensor numerator, Tensor denominator, int dim, str impl, "
+            "ScalarType? out_dtype) -> Tensor")  # fmt: skip
+_LIB.define("group_rational_backward(Tensor grad_output, Tensor x, Tensor numerator, Tensor denominator, int dim, "
+            "str impl) -> (Tensor, Tensor, Tensor)")  # fmt: skip
+
+
+def _reference_forward_op(x, numerator, denominator, dim, impl, out_dtype):
     return reference.forward(x, numerator, denominator, dim).to(out_dtype or x.dtype)
 
 
-@torch.library.custom_op("flashkat::group_rational_backward", mutates_args=())
-def _group_rational_backward(
-    grad_output: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, dim: int, impl: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference_backward_op(grad_output, x, numerator, denominator, dim, impl):
     return reference.backward(grad_output, x, numerator, denominator, dim)
 
 
@@ -827,38 +830,22 @@ def _cuda_backward_op(grad_output, x, numerator, denominator, dim, impl):
     return _cuda_backward(grad_output, x, numerator, denominator, _plan(x, numerator, denominator, dim, None), impl)
 
 
+# Every device runs the reference, CUDA the Triton kernels (where Triton is installed).
+_LIB.impl("group_rational", _reference_forward_op, "CompositeExplicitAutograd")
+_LIB.impl("group_rational_backward", _reference_backward_op, "CompositeExplicitAutograd")
 if HAS_TRITON:
-    # The CUDA kernels are registered with the dispatcher directly: ``register_kernel`` wraps each
-    # call in Python checks that cost ~25 us per call on an H100 host (measured), which a compiled
-    # KAT step pays 4 times per block.
-    _CUDA_KERNELS = torch.library.Library("flashkat", "IMPL")
-    _CUDA_KERNELS.impl("group_rational", _cuda_forward_op, "CUDA")
-    _CUDA_KERNELS.impl("group_rational_backward", _cuda_backward_op, "CUDA")
+    _LIB.impl("group_rational", _cuda_forward_op, "CUDA")
+    _LIB.impl("group_rational_backward", _cuda_backward_op, "CUDA")
 
 
-@_group_rational.register_fake
+@torch.library.register_fake("flashkat::group_rational", lib=_LIB)
 def _(x, numerator, denominator, dim, impl, out_dtype):
     return torch.empty_like(x, dtype=out_dtype or x.dtype)
 
 
-@_group_rational_backward.register_fake
+@torch.library.register_fake("flashkat::group_rational_backward", lib=_LIB)
 def _(grad_output, x, numerator, denominator, dim, impl):
     return torch.empty_like(x), numerator.new_empty(numerator.shape), denominator.new_empty(denominator.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    x, numerator, denominator, dim, impl, out_dtype = inputs
-    ctx.save_for_backward(x, numerator, denominator)
-    ctx.dim, ctx.impl = dim, impl
-
-
-def _backward(ctx, grad_output):
-    x, numerator, denominator = ctx.saved_tensors
-    dx, da, db = _group_rational_backward(grad_output, x, numerator, denominator, ctx.dim, ctx.impl)
-    return dx, da, db, None, None, None
-
-
-_group_rational.register_autograd(_backward, setup_context=_setup_context)
 
 
 def group_rational(
@@ -880,29 +867,36 @@ def group_rational(
     baselines "blocked" and "atomic".
     """
     _check_impl(impl)
-    if HAS_TRITON and isinstance(x, torch.Tensor) and x.is_cuda and not torch.compiler.is_compiling():
-        return _EagerGroupRational.apply(x, numerator, denominator, dim, impl, out_dtype)
-    dim = _check_args(x, numerator, denominator, dim, out_dtype)
-    return _group_rational(x, numerator, denominator, dim, impl, out_dtype)
+    if not _launches_directly(x):
+        dim = _check_args(x, numerator, denominator, dim, out_dtype)  # (the direct path's plan checks them)
+    return _GroupRational.apply(x, numerator, denominator, dim, impl, out_dtype)
 
 
-class _EagerGroupRational(torch.autograd.Function):
-    """The same kernels as the registered op, through a plain autograd.Function.
+def _launches_directly(x) -> bool:
+    """Whether a call launches the kernels itself (eager CUDA) rather than through the operators."""
+    return HAS_TRITON and isinstance(x, torch.Tensor) and x.is_cuda and not torch.compiler.is_compiling()
 
-    In eager mode a Python custom op's dispatch and autograd wrapper cost several times the GPU
-    time of a small layer (measured on an H100 host: docs/BENCHMARKS.md); this path costs what
-    the launches cost. ``torch.compile`` and ``opcheck`` use the registered op.
-    """
+
+class _GroupRational(torch.autograd.Function):
+    """Autograd of the op. Eager CUDA calls launch the kernels directly: through the dispatcher a
+    call costs more host time than a small layer's GPU time (measured, docs/BENCHMARKS.md).
+    ``torch.compile`` traces the operators, and every other device runs them too."""
 
     @staticmethod
     def forward(ctx, x, numerator, denominator, dim, impl, out_dtype):
-        ctx.plan = plan = _plan(x, numerator, denominator, dim, out_dtype)
         ctx.save_for_backward(x, numerator, denominator)
-        ctx.impl = impl
-        return _launch_forward(x, numerator, denominator, plan)
+        ctx.dim, ctx.impl, ctx.plan = dim, impl, None
+        if _launches_directly(x):
+            ctx.plan = plan = _plan(x, numerator, denominator, dim, out_dtype)
+            return _launch_forward(x, numerator, denominator, plan)
+        return torch.ops.flashkat.group_rational(x, numerator, denominator, dim, impl, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, numerator, denominator = ctx.saved_tensors
-        dx, da, db = _cuda_backward(grad_output, x, numerator, denominator, ctx.plan, ctx.impl)
+        if ctx.plan is not None:
+            dx, da, db = _cuda_backward(grad_output, x, numerator, denominator, ctx.plan, ctx.impl)
+        else:
+            dx, da, db = torch.ops.flashkat.group_rational_backward(grad_output, x, numerator, denominator, ctx.dim,
+                                                                    ctx.impl)  # fmt: skip
         return dx, da, db, None, None, None
