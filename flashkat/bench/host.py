@@ -4,7 +4,8 @@ At KAT-T's size a training step is bound by the host, not the GPU: each of the 2
 calls per step costs its Python and launch time. Here the tensors are tiny (GPU work negligible),
 every call is followed by nothing, and the wall time of many calls divided by their number is the
 host cost of one. Rows: the Triton launchers alone (forward, backward), the public function's
-forward under no_grad, and forward + backward through autograd; GELU's for scale. On the CPU the
+forward under no_grad, the registered operators (what a compiled graph calls), and forward +
+backward through autograd; GELU's for scale. On the CPU the
 op runs the float64 reference (and so do these rows).
 """
 
@@ -63,6 +64,11 @@ def measure(device: str, calls: int, rows: int = 64, channels: int = 192) -> lis
         cases["triton_backward"] = lambda: op.triton_backward(grad, x, numerator, denominator)
     else:
         cases["reference forward"] = lambda: reference.forward(x, numerator, denominator)
+    # what a torch.compile'd graph calls
+    cases["operator forward (compiled graphs)"] = lambda: torch.ops.flashkat.group_rational(
+        x, numerator, denominator, -1, "flashkat", None)  # fmt: skip
+    cases["operator backward (compiled graphs)"] = lambda: torch.ops.flashkat.group_rational_backward(
+        grad, x, numerator, denominator, -1, "flashkat")  # fmt: skip
     cases["group_rational forward (no_grad)"] = lambda: op.group_rational(x, numerator, denominator)
     cases["gelu forward (no_grad)"] = lambda: F.gelu(x)
     cases["group_rational forward+backward"] = op_pair
