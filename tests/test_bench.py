@@ -91,6 +91,19 @@ def test_bench_model(tmp_path, capsys):
     assert table[0].startswith("| size | mode | dtype | model | impl |") and len(table) == 2 + len(rows)
 
 
+def test_bench_model_compiles_blocks_or_the_whole_model(tmp_path):
+    args = ["bench", "model", "--sizes", "tiny", "--dtypes", "bf16", "--modes", "compile-model", "--warmup", "1",
+            "--steps", "1", "--output", str(tmp_path), *SMALL_MODEL]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "model.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["compile-model", "compile-model"] and all(r["step_ms"] > 0 for r in rows)
+    for mode in mbench.MODES:
+        model = mbench.create_model("kat_tiny_patch16_224", "cpu", dict(mbench.CPU_MODEL_ARGS))
+        mbench.apply_mode(model, mode)
+        assert (model._compiled_call_impl is not None) == (mode == "compile-model")
+        assert all((b._compiled_call_impl is not None) == (mode == "compile") for b in model.blocks)
+
+
 def test_kat_model_has_group_rationals_to_switch():
     kat = mbench.create_model("kat_tiny_patch16_224", "cpu", dict(mbench.CPU_MODEL_ARGS))
     vit = mbench.create_model("vit_tiny_patch16_224", "cpu", dict(mbench.CPU_MODEL_ARGS))

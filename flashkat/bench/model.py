@@ -6,9 +6,11 @@ by ``flashkat.models``) with each backward implementation, and for timm's
 ``vit_{size}_patch16_224`` with the same batch, dtype, optimizer and mode. Throughput is the
 batch over the median step time after warm-up; "vs_vit" is KAT's over the ViT's.
 
-Modes: ``eager``, and ``compile``: ``torch.compile`` applied to each transformer block
-("regional" compilation: the blocks share their code, so one compilation serves all of them
-and a model compiles in seconds rather than a minute); patch embedding and head stay eager.
+Modes: ``eager``; ``compile``: ``torch.compile`` applied to each transformer block ("regional"
+compilation: the blocks share their code, so one compilation serves all of them and a model
+compiles in seconds rather than a minute; patch embedding and head stay eager); and
+``compile-model``: ``torch.compile`` of the whole model (one graph, longer to compile, and no
+per-block call overhead, which matters where the host bounds the step).
 
 The ``atomic`` implementation (KAT's design) is about 100x slower: it is opt-in (``--impls``)
 and runs ``--atomic-steps`` timed steps only. On the CPU the op runs the float64 reference for
@@ -31,6 +33,7 @@ import flashkat.ops.baselines  # noqa: F401  (registers the "blocked" and "atomi
 from flashkat.bench.harness import environment, markdown_table, positive_int, write_results
 
 SIZES = ("tiny", "small", "base")
+MODES = ("eager", "compile", "compile-model")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_LABEL = "cpu-reference"
 # A model small enough for a CPU (and CI): 32 px images in 8 px patches, 2 blocks.
@@ -66,14 +69,15 @@ def set_impl(model: torch.nn.Module, impl: str) -> int:
     return len(layers)
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
-    """torch.compile each transformer block in place (the whole model when it has no ``blocks``)."""
+def apply_mode(model: torch.nn.Module, mode: str) -> None:
+    """``torch.compile`` ``model`` in place as ``mode`` says (see the module docstring): each
+    transformer block (the whole model when it has no ``blocks``), the whole model, or nothing."""
     blocks = getattr(model, "blocks", None)
-    if blocks is None:
+    if mode == "compile-model" or (mode == "compile" and blocks is None):
         model.compile()
-        return
-    for block in blocks:
-        block.compile()
+    elif mode == "compile":
+        for block in blocks:
+            block.compile()
 
 
 class TrainingStep:
@@ -87,8 +91,7 @@ class TrainingStep:
         if impl is not None and impl != CPU_LABEL:
             if set_impl(self.model, impl) == 0:
                 raise RuntimeError(f"bench model: {name} has no GroupRational layers to set impl={impl!r} on")
-        if mode == "compile":
-            compile_blocks(self.model)
+        apply_mode(self.model, mode)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05, fused=device == "cuda")
         self.scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
@@ -136,7 +139,7 @@ def benchmark(
     rows = []
     for size, dtype, mode in tqdm(groups, desc=desc, unit="config"):
         kat_name, vit_name = model_names(size)
-        if mode == "compile":
+        if mode != "eager":
             torch._dynamo.reset()  # fresh caches: no recompile limit hit across configurations
         runs = [TrainingStep(vit_name if impl is None else kat_name, impl, DTYPES[dtype], mode, batch, device,
                              model_args) for impl in [None, *impls]]  # fmt: skip
@@ -174,7 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", nargs="+", choices=["flashkat", "blocked", "atomic"],
                         help="backward implementations (default: flashkat blocked; atomic is opt-in)")  # fmt: skip
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
-    parser.add_argument("--modes", nargs="+", choices=["eager", "compile"], help="default: both on a GPU, eager on the CPU")
+    parser.add_argument("--modes", nargs="+", choices=MODES,
+                        help="eager, compile (each block) or compile-model (default: eager and compile on a GPU, eager on the CPU)")  # fmt: skip
     parser.add_argument("--batch", type=positive_int, help="images per step (default 128 on a GPU, 4 on the CPU)")
     parser.add_argument("--model-args", nargs="+", metavar="KEY=VALUE",
                         help="timm.create_model overrides (default on the CPU: img_size=32 patch_size=8 depth=2)")  # fmt: skip
