@@ -351,3 +351,24 @@ def test_same_shapes_with_other_dtypes_get_their_own_kernels():
         want = reference.backward(g.double(), x.double(), a.double(), b.double())
         for got, ref_grad in zip((dx, da, db), want):
             assert rel_l2(got, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "dtype, D, groups, inner, fold",
+    [
+        (torch.bfloat16, 768, (1, 8), 1, 8),  # 96-column groups: 32-column tiles inside one group
+        (torch.float16, 96, (1, 8), 1, 4),  # 12-column denominator groups straddle 64-column tiles
+        (torch.bfloat16, 200, (1, 8), 1, 1),  # 25 columns: neighbours may sit in two groups
+        (torch.float32, 768, (1, 8), 1, 1),  # float32 keeps a running sum per element (measured)
+        (torch.bfloat16, 768, (1, 8), 7, 1),  # channels not contiguous: a thread's elements are rows
+    ],
+)
+def test_backward_folds_only_columns_of_one_group(dtype, D, groups, inner, fold):
+    """How many adjacent columns share running sums, and the tile that goes with it."""
+    config = op._config(64 * inner, D, inner, dtype, 5, 4, *groups, -1, True)
+    assert config.fold == fold
+    for cpg, uniform in ((config.cpg_a, config.uniform_a), (config.cpg_b, config.uniform_b)):
+        assert uniform or cpg % fold == 0
+    elements = op._TUNING["backward_elements_16bit" if fold > 1 else "backward_elements"]
+    assert config.block_s * config.block_c == elements
+    assert config.capped == (fold > 1 or (config.uniform_a and config.uniform_b))
