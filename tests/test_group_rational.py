@@ -320,7 +320,7 @@ def test_views_of_any_alignment_after_aligned_calls():
 
 
 @pytest.mark.parametrize("impl", ["flashkat", "blocked", "atomic"])
-def test_eager_path_matches_the_registered_op(impl, monkeypatch):
+def test_direct_launch_path_matches_the_reference(impl, monkeypatch):
     """CUDA tensors in eager mode launch the kernels without the dispatcher (its Python kernels
     cost more than small layers' kernels); run that path here on DEVICE."""
     monkeypatch.setattr(op, "_launches_directly", lambda x: True)
