@@ -867,9 +867,12 @@ def group_rational(
     baselines "blocked" and "atomic".
     """
     _check_impl(impl)
-    if not _launches_directly(x):
-        dim = _check_args(x, numerator, denominator, dim, out_dtype)  # (the direct path's plan checks them)
-    return _GroupRational.apply(x, numerator, denominator, dim, impl, out_dtype)
+    plan = None
+    if _launches_directly(x):
+        plan = _plan(x, numerator, denominator, dim, out_dtype)  # checks the arguments (once per signature)
+    else:
+        dim = _check_args(x, numerator, denominator, dim, out_dtype)
+    return _GroupRational.apply(x, numerator, denominator, dim, impl, out_dtype, plan)
 
 
 def _launches_directly(x) -> bool:
@@ -878,16 +881,16 @@ def _launches_directly(x) -> bool:
 
 
 class _GroupRational(torch.autograd.Function):
-    """Autograd of the op. Eager CUDA calls launch the kernels directly: through the dispatcher a
-    call costs more host time than a small layer's GPU time (measured, docs/BENCHMARKS.md).
-    ``torch.compile`` traces the operators, and every other device runs them too."""
+    """Autograd of the op. Given a ``plan`` (eager CUDA calls), it launches the kernels directly:
+    through the dispatcher a call costs more host time than a small layer's GPU time (measured,
+    docs/BENCHMARKS.md). Without one it calls the operators, which ``torch.compile`` traces and
+    every other device runs."""
 
     @staticmethod
-    def forward(ctx, x, numerator, denominator, dim, impl, out_dtype):
+    def forward(ctx, x, numerator, denominator, dim, impl, out_dtype, plan):
         ctx.save_for_backward(x, numerator, denominator)
-        ctx.dim, ctx.impl, ctx.plan = dim, impl, None
-        if _launches_directly(x):
-            ctx.plan = plan = _plan(x, numerator, denominator, dim, out_dtype)
+        ctx.dim, ctx.impl, ctx.plan = dim, impl, plan
+        if plan is not None:
             return _launch_forward(x, numerator, denominator, plan)
         return torch.ops.flashkat.group_rational(x, numerator, denominator, dim, impl, out_dtype)
 
@@ -899,4 +902,4 @@ class _GroupRational(torch.autograd.Function):
         else:
             dx, da, db = torch.ops.flashkat.group_rational_backward(grad_output, x, numerator, denominator, ctx.dim,
                                                                     ctx.impl)  # fmt: skip
-        return dx, da, db, None, None, None
+        return dx, da, db, None, None, None, None
