@@ -51,7 +51,8 @@ def test_dtypes(dtype):
 @pytest.mark.parametrize("groups", [(1, 8), (4, 4), (48, 48), (8, 1), (2, 16), (3, 6)])
 def test_group_settings(groups, dtype):
     """Shared numerator, equal groups, per-channel, and groups narrower than a tile (16-bit inputs
-    also sum up to 8 adjacent columns of a group in one running sum: see ``_fold``)."""
+    also share one coefficient set and one running sum across up to 8 adjacent columns of a group:
+    see ``_fold``)."""
     x = torch.randn(5, 13, 48, device=DEVICE).to(dtype)
     check_kernels(x, *random_coefficients(*groups, (5, 4)))
 
@@ -363,12 +364,15 @@ def test_same_shapes_with_other_dtypes_get_their_own_kernels():
         (torch.bfloat16, 768, (1, 8), 7, 1),  # channels not contiguous: a thread's elements are rows
     ],
 )
-def test_backward_folds_only_columns_of_one_group(dtype, D, groups, inner, fold):
-    """How many adjacent columns share running sums, and the tile that goes with it."""
-    config = op._config(64 * inner, D, inner, dtype, 5, 4, *groups, -1, True)
-    assert config.fold == fold
-    for cpg, uniform in ((config.cpg_a, config.uniform_a), (config.cpg_b, config.uniform_b)):
-        assert uniform or cpg % fold == 0
-    elements = op._TUNING["backward_elements_16bit" if fold > 1 else "backward_elements"]
-    assert config.block_s * config.block_c == elements
-    assert config.capped == (fold > 1 or (config.uniform_a and config.uniform_b))
+def test_tiles_fold_only_columns_of_one_group(dtype, D, groups, inner, fold):
+    """How many adjacent columns share coefficients (forward) and running sums (backward), and the
+    tiles and register caps that go with it."""
+    for backward in (False, True):
+        config = op._config(64 * inner, D, inner, dtype, 5, 4, *groups, -1, backward)
+        assert config.fold == fold
+        for cpg, uniform in ((config.cpg_a, config.uniform_a), (config.cpg_b, config.uniform_b)):
+            assert uniform or cpg % fold == 0
+        elements = op._TUNING["backward_elements_16bit" if fold > 1 else "backward_elements"]
+        assert config.block_s * config.block_c == (elements if backward else op._TUNING["forward_elements"])
+        fits = fold > 1 or (config.uniform_a and config.uniform_b)  # coefficients need few registers
+        assert config.capped == (fits and (backward or dtype.itemsize == 2))

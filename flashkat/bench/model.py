@@ -8,9 +8,11 @@ batch over the median step time after warm-up; "vs_vit" is KAT's over the ViT's.
 
 Modes: ``eager``; ``compile``: ``torch.compile`` applied to each transformer block ("regional"
 compilation: the blocks share their code, so one compilation serves all of them and a model
-compiles in seconds rather than a minute; patch embedding and head stay eager); and
+compiles in seconds rather than a minute; patch embedding and head stay eager);
 ``compile-model``: ``torch.compile`` of the whole model (one graph, longer to compile, and no
-per-block call overhead, which matters where the host bounds the step).
+per-block call overhead, which matters where the host bounds the step); and ``reduce-overhead``:
+the whole model compiled with ``mode="reduce-overhead"``, which replays each step's kernels as
+CUDA graphs, so the step costs its GPU time and next to no host time.
 
 The ``atomic`` implementation (KAT's design) is about 100x slower: it is opt-in (``--impls``)
 and runs ``--atomic-steps`` timed steps only. On the CPU the op runs the float64 reference for
@@ -33,7 +35,7 @@ import flashkat.ops.baselines  # noqa: F401  (registers the "blocked" and "atomi
 from flashkat.bench.harness import environment, markdown_table, positive_int, write_results
 
 SIZES = ("tiny", "small", "base")
-MODES = ("eager", "compile", "compile-model")
+MODES = ("eager", "compile", "compile-model", "reduce-overhead")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_LABEL = "cpu-reference"
 # A model small enough for a CPU (and CI): 32 px images in 8 px patches, 2 blocks.
@@ -71,9 +73,12 @@ def set_impl(model: torch.nn.Module, impl: str) -> int:
 
 def apply_mode(model: torch.nn.Module, mode: str) -> None:
     """``torch.compile`` ``model`` in place as ``mode`` says (see the module docstring): each
-    transformer block (the whole model when it has no ``blocks``), the whole model, or nothing."""
+    transformer block (the whole model when it has no ``blocks``), the whole model (with CUDA
+    graphs for ``reduce-overhead``), or nothing."""
     blocks = getattr(model, "blocks", None)
-    if mode == "compile-model" or (mode == "compile" and blocks is None):
+    if mode == "reduce-overhead":
+        model.compile(mode="reduce-overhead")
+    elif mode == "compile-model" or (mode == "compile" and blocks is None):
         model.compile()
     elif mode == "compile":
         for block in blocks:
@@ -178,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backward implementations (default: flashkat blocked; atomic is opt-in)")  # fmt: skip
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
     parser.add_argument("--modes", nargs="+", choices=MODES,
-                        help="eager, compile (each block) or compile-model (default: eager and compile on a GPU, eager on the CPU)")  # fmt: skip
+                        help="eager, compile (each block), compile-model or reduce-overhead (default: eager and compile on a GPU, eager on the CPU)")  # fmt: skip
     parser.add_argument("--batch", type=positive_int, help="images per step (default 128 on a GPU, 4 on the CPU)")
     parser.add_argument("--model-args", nargs="+", metavar="KEY=VALUE",
                         help="timm.create_model overrides (default on the CPU: img_size=32 patch_size=8 depth=2)")  # fmt: skip

@@ -214,6 +214,19 @@ if HAS_TRITON:
         return _cast(p * _reciprocal(q, FAST), OUT)
 
     @triton.jit
+    def _rational_tile(x, a, b, largest, M: tl.constexpr, N: tl.constexpr, FOLD: tl.constexpr, OUT: tl.constexpr,
+                       COMPUTE: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+        """F of a tile (as OUT), with one coefficient set per FOLD adjacent columns (see
+        ``_column_parts``); ``largest`` updated with its |x|."""
+        xs = _column_parts(x, FOLD)
+        ys = ()
+        for p in tl.static_range(FOLD):
+            xp = xs[p].to(COMPUTE)
+            largest = tl.maximum(largest, tl.abs(xp))
+            ys = ys + (_rational_value(xp, a, b, M, N, OUT, FAST),)
+        return _join_parts(ys, FOLD), largest
+
+    @triton.jit
     def _power(x, k: tl.constexpr):
         """x**k for a small constant k by repeated squaring (unrolled)."""
         result = tl.full(x.shape, 1.0, x.dtype)
@@ -260,39 +273,42 @@ if HAS_TRITON:
         S, D, INNER, cpg_a, cpg_b, safe_limit,
         M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
         UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
-        COMPUTE: tl.constexpr, INDEX_64: tl.constexpr, FAST: tl.constexpr,
+        COMPUTE: tl.constexpr, INDEX_64: tl.constexpr, FAST: tl.constexpr, FOLD: tl.constexpr,
     ):  # fmt: skip
-        cols, col_mask, _, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, BLOCK_C, 1, UNIFORM_A,
-                                                    UNIFORM_B, INDEX_64)  # fmt: skip
-        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
-        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM_B)
-        largest = tl.zeros((BLOCK_S, BLOCK_C), dtype=COMPUTE)  # max |x| seen, for the range check
+        cols, col_mask, fold_mask, group_a, group_b = _tile(tl.program_id(1), D, cpg_a, cpg_b, BLOCK_C, FOLD,
+                                                            UNIFORM_A, UNIFORM_B, INDEX_64)  # fmt: skip
+        a = _load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, COMPUTE, UNIFORM_A)
+        b = _load_coefficients(b_ptr, group_b, fold_mask, N, True, COMPUTE, UNIFORM_B)
+        largest = tl.zeros((BLOCK_S, BLOCK_C // FOLD), dtype=COMPUTE)  # max |x| seen, for the range check
         start, step = tl.program_id(0) * BLOCK_S, tl.num_programs(0) * BLOCK_S
         x_ahead = _tile_at(x_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
         for s0 in range(start, S, step):
             # The next tile is loaded before this one is worked on, so memory latency overlaps work.
-            x = x_ahead.to(COMPUTE)
+            x = x_ahead
             x_ahead = _tile_at(x_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
-            largest = tl.maximum(largest, tl.abs(x))
+            y, largest = _rational_tile(x, a, b, largest, M, N, FOLD, y_ptr.dtype.element_ty, COMPUTE, FAST)
             offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
-            _store(y_ptr, offsets, _rational_value(x, a, b, M, N, y_ptr.dtype.element_ty, FAST), mask, EVEN)
+            _store(y_ptr, offsets, y, mask, EVEN)
         if tl.max(largest) > safe_limit:  # rare: redo this program's elements in float64
-            _redo_forward_in_float64(x_ptr, y_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b, S, D, INNER,
-                                     M, N, BLOCK_S, UNIFORM_A, UNIFORM_B, INDEX_64)  # fmt: skip
+            _redo_forward_in_float64(x_ptr, y_ptr, a_ptr, b_ptr, cols, col_mask, fold_mask, group_a, group_b, S, D,
+                                     INNER, M, N, BLOCK_S, BLOCK_C, FOLD, UNIFORM_A, UNIFORM_B, INDEX_64)  # fmt: skip
 
     @triton.jit
-    def _redo_forward_in_float64(x_ptr, y_ptr, a_ptr, b_ptr, cols, col_mask, group_a, group_b, S, D, INNER,
-                                 M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, UNIFORM_A: tl.constexpr,
-                                 UNIFORM_B: tl.constexpr, INDEX_64: tl.constexpr):  # fmt: skip
+    def _redo_forward_in_float64(x_ptr, y_ptr, a_ptr, b_ptr, cols, col_mask, fold_mask, group_a, group_b, S, D,
+                                 INNER, M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                                 FOLD: tl.constexpr, UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr,
+                                 INDEX_64: tl.constexpr):  # fmt: skip
         """Overwrite this program's outputs with a float64 evaluation, a row at a time (few registers)."""
         tl.debug_barrier()  # the main loop's stores come first
-        a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
-        b = _load_coefficients(b_ptr, group_b, col_mask, N, True, tl.float64, UNIFORM_B)
+        a = _load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, tl.float64, UNIFORM_A)
+        b = _load_coefficients(b_ptr, group_b, fold_mask, N, True, tl.float64, UNIFORM_B)
+        unused = tl.zeros((1, BLOCK_C // FOLD), dtype=tl.float64)
         for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
             for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):
                 offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-                tl.store(y_ptr + offsets, _rational_value(x, a, b, M, N, y_ptr.dtype.element_ty, False), mask=mask)
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+                y, _ = _rational_tile(x, a, b, unused, M, N, FOLD, y_ptr.dtype.element_ty, tl.float64, False)
+                tl.store(y_ptr + offsets, y, mask=mask)
 
     @triton.jit
     def _column_sums(t, UNIFORM: tl.constexpr):
@@ -534,11 +550,12 @@ def _group_slots(width: int, cpg: int) -> int:
 
 
 def _fold(config: "_Config", dtype: torch.dtype, inner: int, elements: int) -> int:
-    """Adjacent columns per running sum in the backward (see ``_column_parts``): at most the columns
-    one thread holds (a 16-byte load's worth), and within one group of every non-uniform set."""
+    """Adjacent columns per coefficient set (forward) or running sum (backward), see
+    ``_column_parts``: at most the columns one thread holds (a 16-byte load's worth), and within one
+    group of every non-uniform set."""
     if inner != 1 or dtype.itemsize > 4:
         return 1
-    wanted = _TUNING["backward_fold_16bit" if dtype.itemsize == 2 else "backward_fold_32bit"]
+    wanted = _TUNING["fold_16bit" if dtype.itemsize == 2 else "fold_32bit"]
     per_thread = min(16 // dtype.itemsize, config.block_c, max(elements // (32 * config.num_warps), 1))
     fold = min(wanted, per_thread)
     for cpg, uniform in ((config.cpg_a, config.uniform_a), (config.cpg_b, config.uniform_b)):
@@ -549,10 +566,12 @@ def _fold(config: "_Config", dtype: torch.dtype, inner: int, elements: int) -> i
 
 _INDEX_64_FROM = 2**31 - 1  # element count from which offsets are computed in int64
 
-# Tile sizes and grid occupancy; the defaults were chosen by measurement (docs/BENCHMARKS.md).
-_TUNING = dict(forward_elements=1024, backward_elements=512, backward_elements_16bit=1024, num_warps=4,
-               forward_waves=8, backward_waves=4, backward_maxnreg=80, backward_capped_waves=6,
-               backward_fold_16bit=8, backward_fold_32bit=1)  # fmt: skip
+# Tile sizes, folds, register caps and grid occupancy (programs per SM); the defaults were chosen
+# by measurement (docs/BENCHMARKS.md).
+_TUNING = dict(num_warps=4, fold_16bit=8, fold_32bit=1,
+               forward_elements=1024, forward_waves=8, forward_maxnreg=40, forward_capped_waves=12,
+               backward_elements=512, backward_elements_16bit=1024, backward_waves=4, backward_maxnreg=80,
+               backward_capped_waves=6)  # fmt: skip
 
 
 class _Config:
@@ -566,24 +585,25 @@ class _Config:
         self.slots_a = 1 if self.uniform_a else _group_slots(self.block_c, self.cpg_a)
         self.slots_b = 1 if self.uniform_b else _group_slots(self.block_c, self.cpg_b)
         self.num_warps = _TUNING["num_warps"]
+        kind = "backward" if backward else "forward"
         elements = _TUNING["forward_elements"]
-        self.fold = 1
         if backward:
             # 16-bit tiles twice as large (a 16-byte load per thread) where a thread's elements
             # share running sums; unfolded, every element needs its own m+1+n of them
             elements = _TUNING["backward_elements_16bit" if dtype.itemsize == 2 else "backward_elements"]
-            self.fold = _fold(self, dtype, inner, elements)
-            if self.fold == 1:
-                elements = _TUNING["backward_elements"]
+        self.fold = _fold(self, dtype, inner, elements)
+        if backward and self.fold == 1:
+            elements = _TUNING["backward_elements"]
         self.block_s = max(elements // self.block_c, 1)
         self.tiles_c = triton.cdiv(D, self.block_c)
-        # a register cap buys more resident programs per SM where nothing spills: uniform tiles
-        # (coefficients are scalars) or folded ones (few running sums), at KAT's order or below
-        # (measured; above it the cap made the backward spill)
-        self.capped = (backward and (self.uniform_a and self.uniform_b or self.fold > 1) and m + 1 + n <= 10
-                       and bool(_TUNING["backward_maxnreg"]))  # fmt: skip
-        self.launch = dict(num_warps=self.num_warps, **({"maxnreg": _TUNING["backward_maxnreg"]} if self.capped else {}))
-        waves = _TUNING["backward_capped_waves" if self.capped else "backward_waves" if backward else "forward_waves"]
+        # A register cap buys more resident programs per SM where nothing spills: coefficients are
+        # scalars (uniform tiles) or one set per fold, at KAT's order or below (measured; above it
+        # the cap made the backward spill), and for the forward only 16-bit tiles (half the
+        # registers of float32 ones).
+        self.capped = ((self.uniform_a and self.uniform_b or self.fold > 1) and m + 1 + n <= 10
+                       and (backward or dtype.itemsize == 2) and bool(_TUNING[f"{kind}_maxnreg"]))  # fmt: skip
+        self.launch = dict(num_warps=self.num_warps, **({"maxnreg": _TUNING[f"{kind}_maxnreg"]} if self.capped else {}))
+        waves = _TUNING[f"{kind}_capped_waves" if self.capped else f"{kind}_waves"]
         wanted = max(_programs_per_wave(device_index) * waves // self.tiles_c, 1)
         self.programs_s = max(min(wanted, triton.cdiv(S, self.block_s)), 1)
         self.even = S % self.block_s == 0 and D % self.block_c == 0
@@ -596,9 +616,9 @@ class _Config:
 
     def meta(self) -> dict:
         """The constexpr arguments both kernels share."""
-        return dict(BLOCK_S=self.block_s, BLOCK_C=self.block_c, UNIFORM_A=self.uniform_a, UNIFORM_B=self.uniform_b,
-                    EVEN=self.even, COMPUTE=self.compute, INDEX_64=self.index_64, FAST=self.fast,
-                    **self.launch)  # fmt: skip
+        return dict(BLOCK_S=self.block_s, BLOCK_C=self.block_c, FOLD=self.fold, UNIFORM_A=self.uniform_a,
+                    UNIFORM_B=self.uniform_b, EVEN=self.even, COMPUTE=self.compute, INDEX_64=self.index_64,
+                    FAST=self.fast, **self.launch)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=512)
@@ -634,7 +654,7 @@ class _Plan:
         offset_b = bwd.programs_s * bwd.tiles_c * bwd.slots_a * (m + 1)  # B's partials follow A's
         self.partials = offset_b + max(bwd.programs_s * bwd.tiles_c * bwd.slots_b * n, 1)
         self.backward = ((bwd.programs_s, bwd.tiles_c), (S, D, inner, bwd.cpg_a, bwd.cpg_b, bwd.safe_limit,
-                         offset_b), dict(M=m, N=n, FOLD=bwd.fold, SLOTS_A=bwd.slots_a, SLOTS_B=bwd.slots_b, **bwd.meta()))  # fmt: skip
+                         offset_b), dict(M=m, N=n, SLOTS_A=bwd.slots_a, SLOTS_B=bwd.slots_b, **bwd.meta()))  # fmt: skip
         self.reduce = ((groups_a + (groups_b if n > 0 else 0),),
                        (offset_b, groups_a, bwd.programs_s, bwd.tiles_c, bwd.cpg_a, bwd.cpg_b),
                        dict(M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)), SLOTS_A=bwd.slots_a,
