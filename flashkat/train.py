@@ -46,6 +46,8 @@ __all__ = ["PRESETS", "DEFAULTS", "TrainError", "add_arguments", "run", "train",
 # Arguments and presets
 # ----------------------------------------------------------------------------------------------
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
 # Values of the options a preset may set, when neither the command line nor the preset does.
 # They train the default model on the default dataset (digits) in about a minute on 2 CPU cores.
 DEFAULTS: dict[str, Any] = dict(
@@ -105,7 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
     opt.add_argument("--amp", choices=("none", "bf16", "fp16"), **unset, help="autocast dtype (default: none)")
     opt.add_argument("--ema-decay", type=float, **unset, help="keep an EMA of the weights (0: off)")
-    opt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    opt.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                     help="torch.compile the model, optionally with a mode: reduce-overhead replays CUDA graphs, "
+                          "for models whose step the host bounds (e.g. tiny ones; docs/BENCHMARKS.md)")  # fmt: skip
 
     reg = parser.add_argument_group("augmentation and regularisation")
     reg.add_argument("--smoothing", type=float, **unset, help="label smoothing (default: 0.1)")
@@ -274,7 +278,7 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.ddp_model = self.train_model
         if args.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = torch.compile(self.train_model, mode=None if args.compile == "default" else args.compile)
         self.mixup = None
         if args.mixup > 0 or args.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,

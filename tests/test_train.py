@@ -273,3 +273,22 @@ def test_validate_a_foreign_checkpoint_needs_and_uses_the_model_name(tmp_path, c
     assert "--model" in fails(capsys, "validate", tmp_path / "kat_style.pth")
     assert cli("validate", tmp_path / "kat_style.pth", "--model", "kat_micro_patch4_16") == 0
     assert json.loads(capsys.readouterr().out)["images"] == 360
+
+
+@pytest.mark.parametrize("flag, mode", [(["--compile"], None), (["--compile", "reduce-overhead"], "reduce-overhead")])
+def test_compile_flag_passes_its_mode_to_torch_compile(tmp_path, monkeypatch, flag, mode):
+    modes = []
+
+    def fake_compile(model, mode=None):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert cli("train", *flag, "--epochs", 1, "--max-steps", 2, "--output", tmp_path, *QUICK) == 0
+    assert modes == [mode]
+
+
+def test_compile_flag_rejects_an_unknown_mode(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli("train", "--compile", "fast")
+    assert exit_info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
