@@ -183,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backward implementations (default: flashkat blocked; atomic is opt-in)")  # fmt: skip
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
     parser.add_argument("--modes", nargs="+", choices=MODES,
-                        help="eager, compile (each block), compile-model or reduce-overhead (default: eager and compile on a GPU, eager on the CPU)")  # fmt: skip
+                        help="eager, compile (each block), compile-model or reduce-overhead (default: eager, compile and reduce-overhead on a GPU, eager on the CPU)")  # fmt: skip
     parser.add_argument("--batch", type=positive_int, help="images per step (default 128 on a GPU, 4 on the CPU)")
     parser.add_argument("--model-args", nargs="+", metavar="KEY=VALUE",
                         help="timm.create_model overrides (default on the CPU: img_size=32 patch_size=8 depth=2)")  # fmt: skip
@@ -204,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
     model_args = parse_model_args(args.model_args, device)
     rows = benchmark(
         sizes=args.sizes or (list(SIZES) if gpu else ["tiny"]), impls=impls, dtypes=args.dtypes,
-        modes=args.modes or (["eager", "compile"] if gpu else ["eager"]), batch=args.batch or (128 if gpu else 4),
-        device=device, warmup=args.warmup, steps=args.steps or (20 if gpu else 3), atomic_steps=args.atomic_steps,
-        model_args=model_args,
+        modes=args.modes or (["eager", "compile", "reduce-overhead"] if gpu else ["eager"]),
+        batch=args.batch or (128 if gpu else 4), device=device, warmup=args.warmup,
+        steps=args.steps or (20 if gpu else 3), atomic_steps=args.atomic_steps, model_args=model_args,
     )  # fmt: skip
     table = markdown_table(rows, COLUMNS)
     env = environment(device)
