@@ -46,6 +46,7 @@ __all__ = ["PRESETS", "DEFAULTS", "TrainError", "add_arguments", "run", "train",
 # Arguments and presets
 # ----------------------------------------------------------------------------------------------
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp: autocast dtype
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 # Values of the options a preset may set, when neither the command line nor the preset does.
@@ -105,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--warmup-lr", type=float, **unset, help="learning rate at the start of warmup")
     opt.add_argument("--min-lr", type=float, **unset, help="final learning rate of the schedule")
     opt.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
-    opt.add_argument("--amp", choices=("none", "bf16", "fp16"), **unset, help="autocast dtype (default: none)")
+    opt.add_argument("--amp", choices=tuple(AMP_DTYPES), **unset, help="autocast dtype (default: none)")
     opt.add_argument("--ema-decay", type=float, **unset, help="keep an EMA of the weights (0: off)")
     opt.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                      help="torch.compile the model, optionally with a mode: reduce-overhead replays CUDA graphs, "
@@ -269,7 +270,7 @@ class Trainer:
             self.optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
             warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
         )  # fmt: skip
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        self.amp_dtype = AMP_DTYPES[args.amp]
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         self.distributed = dist.is_available() and dist.is_initialized()
         self.train_model = self.model

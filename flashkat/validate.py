@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flashkat import datasets
-from flashkat.train import TrainError, build_datasets, eval_loader, evaluate, model_from_checkpoint
+from flashkat.train import AMP_DTYPES, TrainError, build_datasets, eval_loader, evaluate, model_from_checkpoint
 
 __all__ = ["add_arguments", "run", "validate"]
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "(default: the checkpoint's training dataset, else digits)")  # fmt: skip
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     parser.add_argument("--batch-size", "-b", type=int, default=128, help="images per batch (default: 128)")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--workers", type=int, default=0, help="data loader processes (default: 0)")
 
@@ -50,7 +50,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     if classes > model.num_classes:
         raise TrainError(f"{dataset} has {classes} classes but the model only {model.num_classes}")
     loader = eval_loader(val_set, args.batch_size, args.workers, device.type == "cuda")
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    amp_dtype = AMP_DTYPES[args.amp]
     metrics = evaluate(model.to(device), loader, device, amp_dtype)
     return {"checkpoint": args.checkpoint, "dataset": dataset, **metrics}
 
