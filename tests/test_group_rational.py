@@ -57,6 +57,14 @@ def test_group_settings(groups, dtype):
     check_kernels(x, *random_coefficients(*groups, (5, 4)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiles_across_wide_groups(dtype):
+    """96-column groups (KAT's at D=768): 16-bit tiles of 64 columns hold parts of two groups."""
+    x = torch.randn(3, 37, 192, device=DEVICE).to(dtype)
+    check_kernels(x, *random_coefficients(1, 2, (5, 4)))
+    check_kernels(x, *random_coefficients(2, 2, (5, 4)))
+
+
 @pytest.mark.parametrize("order", [(5, 4), (3, 2), (7, 6), (4, 0), (0, 3), (1, 1), (9, 2)])
 def test_orders(order):
     x = torch.randn(4, 21, 64, device=DEVICE)
@@ -355,21 +363,23 @@ def test_same_shapes_with_other_dtypes_get_their_own_kernels():
 
 
 @pytest.mark.parametrize(
-    "dtype, D, groups, inner, fold",
+    "dtype, D, groups, inner, fold, width",
     [
-        (torch.bfloat16, 768, (1, 8), 1, 8),  # 96-column groups: 32-column tiles inside one group
-        (torch.float16, 96, (1, 8), 1, 4),  # 12-column denominator groups straddle 64-column tiles
-        (torch.bfloat16, 200, (1, 8), 1, 1),  # 25 columns: neighbours may sit in two groups
-        (torch.float32, 768, (1, 8), 1, 1),  # float32 keeps a running sum per element (measured)
-        (torch.bfloat16, 768, (1, 8), 7, 1),  # channels not contiguous: a thread's elements are rows
+        (torch.bfloat16, 768, (1, 8), 1, 8, 64),  # 96-column groups straddle 64-column (128-byte) tiles
+        (torch.float16, 96, (1, 8), 1, 4, 64),  # 12-column denominator groups straddle tiles
+        (torch.bfloat16, 200, (1, 8), 1, 1, 64),  # 25 columns: neighbours may sit in two groups
+        (torch.float32, 768, (1, 8), 1, 1, 32),  # 128-byte tiles inside one group; float32 keeps a
+        # running sum per element (measured: folds cost accuracy, docs/BENCHMARKS.md step 16)
+        (torch.bfloat16, 768, (1, 8), 7, 1, 16),  # channels not contiguous: a thread's elements are rows
+        (torch.bfloat16, 1536, (1, 8), 1, 8, 64),  # 192-column groups: uniform 64-column tiles
     ],
 )
-def test_tiles_fold_only_columns_of_one_group(dtype, D, groups, inner, fold):
+def test_tiles_fold_only_columns_of_one_group(dtype, D, groups, inner, fold, width):
     """How many adjacent columns share coefficients (forward) and running sums (backward), and the
     tiles and register caps that go with it."""
     for backward in (False, True):
         config = op._config(64 * inner, D, inner, dtype, 5, 4, *groups, -1, backward)
-        assert config.fold == fold
+        assert config.fold == fold and config.block_c == width
         for cpg, uniform in ((config.cpg_a, config.uniform_a), (config.cpg_b, config.uniform_b)):
             assert uniform or cpg % fold == 0
         elements = op._TUNING["backward_elements_16bit" if fold > 1 else "backward_elements"]

@@ -58,3 +58,25 @@ def test_follow_autocast_stores_the_autocast_dtype():
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16 and plain(x).dtype == torch.float32
     assert torch.equal(layer(x), x)  # outside autocast: the input's dtype
+
+
+def test_follow_autocast_under_compile_takes_its_input_in_the_autocast_dtype():
+    """Compiled, the layer computes on the bfloat16 copy of its float32 input (a cast inductor fuses
+    into the input's producer), so the input's gradient comes back through that cast: bfloat16 values."""
+    layer = flashkat.GroupRational(num_groups=8, mode="swish", follow_autocast=True).to(DEVICE)
+    with torch.no_grad():
+        layer.weight_denominator.add_(0.1 * torch.randn_like(layer.weight_denominator))
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(4, 5, 64, device=DEVICE, requires_grad=True)
+    g = torch.randn(4, 5, 64, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = compiled(x)
+    y.backward(g.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(x.grad, x.grad.to(torch.bfloat16).float())  # eager: float32 values
+    x16 = x.detach().to(torch.bfloat16).double()
+    a, b = layer.weight_numerator.detach().double(), layer.weight_denominator.detach().double()
+    assert rel_l2(y.detach().double(), reference.forward(x16, a, b)) < 1e-2
+    dx, da, db = reference.backward(g.to(torch.bfloat16).double(), x16, a, b)
+    for got, want in ((x.grad, dx), (layer.weight_numerator.grad, da), (layer.weight_denominator.grad, db)):
+        assert rel_l2(got.double(), want) < 2e-2

@@ -22,7 +22,11 @@ class GroupRational(nn.Module):
             measurement; see ``flashkat.group_rational``). A plain attribute: change it any time.
         follow_autocast: under autocast, store the output in the autocast dtype rather than the
             input's (for a layer whose output feeds a matmul, which would cast it anyway: this
-            saves that cast's pass over memory, forward and backward).
+            saves that cast's pass over memory, forward and backward). Under ``torch.compile`` the
+            layer also takes its input in that dtype: inductor fuses the cast into the kernel that
+            produced the input (KAT: the LayerNorm, whose float32 output would otherwise be
+            written and read in full), so compiled steps round this layer's input where eager
+            steps read it in float32.
 
     Parameters ``weight_numerator (numerator_groups, m+1)`` and ``weight_denominator
     (num_groups, n)`` carry KAT's names and shapes, so KAT state dicts load unchanged. The
@@ -55,6 +59,8 @@ class GroupRational(nn.Module):
         out_dtype = None
         if self.follow_autocast and torch.is_autocast_enabled(x.device.type):
             out_dtype = torch.get_autocast_dtype(x.device.type)
+            if torch.compiler.is_compiling():  # a fused cast: half the bytes written, read and saved
+                x = x.to(out_dtype)
         return group_rational(x, self.weight_numerator, self.weight_denominator, self.dim, self.impl, out_dtype)
 
     def extra_repr(self) -> str:

@@ -379,9 +379,11 @@ if HAS_TRITON:
         M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, FOLD: tl.constexpr,
         UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
         SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, COMPUTE: tl.constexpr, INDEX_64: tl.constexpr,
-        FAST: tl.constexpr,
+        FAST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         DX: tl.constexpr = dx_ptr.dtype.element_ty
+        if PDL:  # the reduction kernel may start launching now (it waits for this grid's end itself)
+            tl.extra.cuda.gdc_launch_dependents()
         pid_c = tl.program_id(1)
         cols, col_mask, fold_mask, group_a, group_b = _tile(pid_c, D, cpg_a, cpg_b, BLOCK_C, FOLD, UNIFORM_A,
                                                             UNIFORM_B, INDEX_64)  # fmt: skip
@@ -471,7 +473,10 @@ if HAS_TRITON:
         offset_b, groups_a, programs_s, tiles_c, cpg_a, cpg_b,
         M: tl.constexpr, N: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr,
         SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:  # launched while the backward kernel runs: wait until its partials are written
+            tl.extra.cuda.gdc_wait()
         group = tl.program_id(0)
         if group < groups_a:
             _reduce_group(partial_ptr, a_ptr, da_ptr, group, programs_s, tiles_c, cpg_a,
@@ -530,12 +535,13 @@ def _safe_limit(m: int, n: int) -> float:
     return float(2.0 ** (96 // max(m, n, 1)))
 
 
-def _tile_width(D: int, cpg_a: int, cpg_b: int) -> int:
-    """Columns per tile: a power of two, chosen so that as many coefficient sets as possible are
-    uniform over a tile (all its columns in one group), preferring wide tiles (whole cache lines)."""
+def _tile_width(D: int, cpg_a: int, cpg_b: int, itemsize: int) -> int:
+    """Columns per tile: a power of two, with every coefficient set uniform over a tile (all its
+    columns in one group) where such tiles span a whole 128-byte line per row (32 columns, 64 in
+    16-bit), else 64 columns (folds keep per-group coefficients cheap there, see ``_fold``)."""
     common = math.gcd(cpg_a, cpg_b)
     both_uniform = min(common & -common, 64)  # largest power of two dividing both group widths
-    if both_uniform >= 32:
+    if both_uniform >= max(128 // itemsize, 32):
         return both_uniform
     return min(_next_pow2(D), 64)
 
@@ -571,7 +577,7 @@ _INDEX_64_FROM = 2**31 - 1  # element count from which offsets are computed in i
 _TUNING = dict(num_warps=4, fold_16bit=8, fold_32bit=1,
                forward_elements=1024, forward_waves=8, forward_maxnreg=40, forward_capped_waves=12,
                backward_elements=512, backward_elements_16bit=1024, backward_waves=4, backward_maxnreg=80,
-               backward_capped_waves=6)  # fmt: skip
+               backward_capped_waves=6, reduce_rows=1024, reduce_warps=8, pdl=True)  # fmt: skip
 
 
 class _Config:
@@ -579,7 +585,10 @@ class _Config:
 
     def __init__(self, S, D, inner, dtype, m, n, groups_a, groups_b, device_index, backward):
         self.cpg_a, self.cpg_b = D // groups_a, D // groups_b
-        self.block_c = _tile_width(D, self.cpg_a, self.cpg_b) if inner == 1 else min(_next_pow2(D), 16)
+        if inner == 1:
+            self.block_c = _tile_width(D, self.cpg_a, self.cpg_b, dtype.itemsize)
+        else:
+            self.block_c = min(_next_pow2(D), 16)
         self.uniform_a = groups_a == 1 or self.cpg_a % self.block_c == 0
         self.uniform_b = groups_b == 1 or self.cpg_b % self.block_c == 0
         self.slots_a = 1 if self.uniform_a else _group_slots(self.block_c, self.cpg_a)
@@ -613,6 +622,10 @@ class _Config:
         self.fast = device_index >= 0 and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
         # float64 arithmetic never needs the float64 redo
         self.safe_limit = float("inf") if dtype == torch.float64 else _safe_limit(m, n)
+        # Hopper's programmatic dependent launch: the reduction kernel launches while the backward
+        # kernel's last programs run, instead of after the whole grid has drained
+        self.pdl = (_TUNING["pdl"] and backward and self.fast
+                    and torch.cuda.get_device_capability(device_index)[0] >= 9)  # fmt: skip
 
     def meta(self) -> dict:
         """The constexpr arguments both kernels share."""
@@ -654,11 +667,13 @@ class _Plan:
         offset_b = bwd.programs_s * bwd.tiles_c * bwd.slots_a * (m + 1)  # B's partials follow A's
         self.partials = offset_b + max(bwd.programs_s * bwd.tiles_c * bwd.slots_b * n, 1)
         self.backward = ((bwd.programs_s, bwd.tiles_c), (S, D, inner, bwd.cpg_a, bwd.cpg_b, bwd.safe_limit,
-                         offset_b), dict(M=m, N=n, SLOTS_A=bwd.slots_a, SLOTS_B=bwd.slots_b, **bwd.meta()))  # fmt: skip
+                         offset_b), dict(M=m, N=n, SLOTS_A=bwd.slots_a, SLOTS_B=bwd.slots_b, PDL=bwd.pdl,
+                                         **bwd.meta()))  # fmt: skip
         self.reduce = ((groups_a + (groups_b if n > 0 else 0),),
                        (offset_b, groups_a, bwd.programs_s, bwd.tiles_c, bwd.cpg_a, bwd.cpg_b),
                        dict(M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)), SLOTS_A=bwd.slots_a,
-                            SLOTS_B=bwd.slots_b, BLOCK_C=bwd.block_c, BLOCK_P=256))  # fmt: skip
+                            SLOTS_B=bwd.slots_b, BLOCK_C=bwd.block_c, BLOCK_P=_TUNING["reduce_rows"], PDL=bwd.pdl,
+                            num_warps=_TUNING["reduce_warps"], **({"launch_pdl": True} if bwd.pdl else {})))  # fmt: skip
 
 
 _PLANS: dict = {}
