@@ -204,9 +204,11 @@ def _launch(kind, grad_output, x, numerator, denominator, dim, work):
     fine_b = torch.zeros(D // cpg_f, max(n, 1), device=x.device, dtype=accumulate)[:, :n]
     if x.numel() == 0:
         return (dx, *_finish(fine_a, fine_b, numerator, denominator))
-    cfg = op._config(S, D, inner, x.dtype, m, n, numerator.shape[0], denominator.shape[0], op._device_index(x), True)
     # The op's tile width and flags (not cfg.meta(): its pipelining options belong to its own
-    # kernels), with unfolded tiles' rows (the op's 16-bit tiles are sized for shared running sums)
+    # kernels), with unfolded tiles' rows. As for 4-byte elements: the op widens 16-bit tiles and
+    # sizes their rows only where adjacent columns share running sums, which these kernels do not.
+    tile_dtype = torch.float32 if x.dtype.itemsize == 2 else x.dtype
+    cfg = op._config(S, D, inner, tile_dtype, m, n, numerator.shape[0], denominator.shape[0], op._device_index(x), True)
     block_s = max(op._TUNING["backward_elements"] // cfg.block_c, 1)
     even = S % block_s == 0 and D % cfg.block_c == 0
     common = dict(M=m, N=n, WORK=work, BLOCK_S=block_s, BLOCK_C=cfg.block_c, UNIFORM_A=cfg.uniform_a,

@@ -572,8 +572,8 @@ def _fold(config: "_Config", dtype: torch.dtype, inner: int, elements: int) -> i
 
 _INDEX_64_FROM = 2**31 - 1  # element count from which offsets are computed in int64
 
-# Tile sizes, folds, register caps and grid occupancy (programs per SM); the defaults were chosen
-# by measurement (docs/BENCHMARKS.md).
+# Tile sizes, folds, register caps, grid occupancy (programs per SM) and the final reduction's
+# shape; the defaults were chosen by measurement (docs/BENCHMARKS.md).
 _TUNING = dict(num_warps=4, fold_16bit=8, fold_32bit=1,
                forward_elements=1024, forward_waves=8, forward_maxnreg=40, forward_capped_waves=12,
                backward_elements=512, backward_elements_16bit=1024, backward_waves=4, backward_maxnreg=80,
@@ -672,8 +672,9 @@ class _Plan:
         self.reduce = ((groups_a + (groups_b if n > 0 else 0),),
                        (offset_b, groups_a, bwd.programs_s, bwd.tiles_c, bwd.cpg_a, bwd.cpg_b),
                        dict(M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)), SLOTS_A=bwd.slots_a,
-                            SLOTS_B=bwd.slots_b, BLOCK_C=bwd.block_c, BLOCK_P=_TUNING["reduce_rows"], PDL=bwd.pdl,
-                            num_warps=_TUNING["reduce_warps"], **({"launch_pdl": True} if bwd.pdl else {})))  # fmt: skip
+                            SLOTS_B=bwd.slots_b, BLOCK_C=bwd.block_c, BLOCK_P=_TUNING["reduce_rows"],
+                            PDL=bwd.pdl, num_warps=_TUNING["reduce_warps"],
+                            **({"launch_pdl": True} if bwd.pdl else {})))  # fmt: skip
 
 
 _PLANS: dict = {}
