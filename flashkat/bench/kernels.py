@@ -37,17 +37,17 @@ CPU_TOKENS = 256
 CPU_LABEL = "cpu-reference"
 INTERPRETER_NOTE = "interpreter: not a speed"
 
-# A small, deliberate list of launch settings tried by --sweep (see docs/BENCHMARKS.md).
+# A small, deliberate list of launch settings tried by --sweep, each a change to the defaults
+# (``op._TUNING``, the first entry): the alternatives measured in docs/BENCHMARKS.md, steps 11-17.
 SWEEP = [
-    dict(backward_elements=e, backward_waves=w, num_warps=nw, forward_elements=f, forward_waves=fw)
-    for e, w, nw, f, fw in [
-        (512, 4, 4, 1024, 8),
-        (512, 8, 4, 2048, 8),
-        (1024, 4, 4, 2048, 4),
-        (1024, 4, 8, 4096, 8),
-        (512, 2, 4, 1024, 16),
-        (512, 6, 4, 1024, 12),
-    ]
+    {},
+    {"backward_capped_waves": 4},  # fewer resident backward programs
+    {"backward_capped_waves": 8, "backward_maxnreg": 64},  # more, with fewer registers each
+    {"backward_elements_16bit": 2048},  # two 16-byte loads per thread and tensor
+    {"forward_capped_waves": 16, "forward_maxnreg": 32},  # more resident 16-bit forward programs
+    {"forward_maxnreg": 0, "forward_waves": 8},  # 16-bit forward without a register cap
+    {"reduce_rows": 256, "reduce_warps": 4, "pdl": False},  # step 16's final reduction, as before
+    {"fold_32bit": 4},  # float32 running sums shared by 4 columns (faster, less accurate)
 ]
 
 
@@ -161,11 +161,13 @@ def run(args: argparse.Namespace) -> int:
     cases = list(itertools.product(range(len(settings)), shapes, args.dtypes))
     try:
         for setting, (S, D), dtype in tqdm(cases, desc="bench kernels", unit="shape"):
-            op._TUNING.update(settings[setting])
+            op._TUNING.clear()
+            op._TUNING.update(default, **settings[setting])
             op._clear_caches()
             for row in measure(S, D, DTYPES[dtype], device, impls, args.rep_ms, args.timer):
                 rows.append({"setting": setting, **row})
     finally:
+        op._TUNING.clear()
         op._TUNING.update(default)
         op._clear_caches()
     columns = ["shape", "dtype", "kernel", "impl", "ms", "floor", "floor_ms", "x_floor", "GBps"]
