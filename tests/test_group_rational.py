@@ -280,6 +280,27 @@ def test_kat_shapes_on_gpu(dtype, D):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_programmatic_dependent_launch_changes_no_bit(dtype, monkeypatch):
+    """Hopper launches the final reduction early (it waits for the partials in the kernel): the
+    gradients must be the same bits as with an ordinary launch after the main kernel."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    x = torch.randn(128 * 197, 192, device="cuda").to(dtype)
+    g = torch.randn_like(x)
+    a, b = random_coefficients(1, 8, (5, 4))
+    results = []
+    for pdl in (True, False):
+        monkeypatch.setitem(op._TUNING, "pdl", pdl)
+        op._clear_caches()
+        assert op._plan(x, a, b, -1, None).backward[2]["PDL"] == pdl
+        results.append(op.triton_backward(g, x, a, b))
+    op._clear_caches()  # the next test plans with the restored setting
+    for with_pdl, without in zip(*results):
+        assert torch.equal(with_pdl, without)
+
+
+@requires_cuda
 def test_more_than_2_pow_31_elements():
     """int64 offsets: values near the end of a 2**31 + 2**20 element bf16 tensor are right."""
     D = 256
@@ -368,21 +389,23 @@ def test_same_shapes_with_other_dtypes_get_their_own_kernels():
         (torch.bfloat16, 768, (1, 8), 1, 8, 64),  # 96-column groups straddle 64-column (128-byte) tiles
         (torch.float16, 96, (1, 8), 1, 4, 64),  # 12-column denominator groups straddle tiles
         (torch.bfloat16, 200, (1, 8), 1, 1, 64),  # 25 columns: neighbours may sit in two groups
-        (torch.float32, 768, (1, 8), 1, 1, 32),  # 128-byte tiles inside one group; float32 keeps a
-        # running sum per element (measured: folds cost accuracy, docs/BENCHMARKS.md step 16)
+        (torch.float32, 768, (1, 8), 1, 1, 32),  # 128-byte tiles inside one group: scalar coefficients
+        (torch.float32, 192, (1, 8), 1, 4, 64),  # 24-column groups: a thread's 4 columns share one
         (torch.bfloat16, 768, (1, 8), 7, 1, 16),  # channels not contiguous: a thread's elements are rows
         (torch.bfloat16, 1536, (1, 8), 1, 8, 64),  # 192-column groups: uniform 64-column tiles
     ],
 )
 def test_tiles_fold_only_columns_of_one_group(dtype, D, groups, inner, fold, width):
-    """How many adjacent columns share coefficients (forward) and running sums (backward), and the
-    tiles and register caps that go with it."""
+    """How many adjacent columns share coefficients, whether they share running sums (16-bit
+    inputs only: float32 keeps one per element, see ``_Config``), and the tiles and register caps
+    that go with it."""
     for backward in (False, True):
         config = op._config(64 * inner, D, inner, dtype, 5, 4, *groups, -1, backward)
         assert config.fold == fold and config.block_c == width
+        assert config.shared_sums == (backward and fold > 1 and dtype.itemsize == 2)
         for cpg, uniform in ((config.cpg_a, config.uniform_a), (config.cpg_b, config.uniform_b)):
             assert uniform or cpg % fold == 0
-        elements = op._TUNING["backward_elements_16bit" if fold > 1 else "backward_elements"]
+        elements = op._TUNING["backward_elements_16bit" if config.shared_sums else "backward_elements"]
         assert config.block_s * config.block_c == (elements if backward else op._TUNING["forward_elements"])
         fits = fold > 1 or (config.uniform_a and config.uniform_b)  # coefficients need few registers
         assert config.capped == (fits and (backward or dtype.itemsize == 2))

@@ -47,7 +47,7 @@ SWEEP = [
     {"forward_capped_waves": 16, "forward_maxnreg": 32},  # more resident 16-bit forward programs
     {"forward_maxnreg": 0, "forward_waves": 8},  # 16-bit forward without a register cap
     {"reduce_rows": 256, "reduce_warps": 4, "pdl": False},  # step 16's final reduction, as before
-    {"fold_32bit": 4},  # float32 running sums shared by 4 columns (faster, less accurate)
+    {"shared_sums_32bit": True},  # float32 running sums shared by 4 columns (faster, less accurate)
 ]
 
 

@@ -152,7 +152,7 @@ if op.HAS_TRITON:
         cols, col_mask, _, group_a, group_b = _tile(pid_c, D, cpg_a, cpg_b, BLOCK_C, 1, UNIFORM_A, UNIFORM_B, INDEX_64)
         a = _load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
         b = _load_coefficients(b_ptr, group_b, col_mask, N, True, COMPUTE, UNIFORM_B)
-        acc = _zero_terms(M, N, BLOCK_S, BLOCK_C, COMPUTE)
+        acc = _zero_terms(M, N, BLOCK_S, BLOCK_C, COMPUTE, 1)
         first_row = tl.program_id(0) * ROWS
         # ROWS is a multiple of BLOCK_S, so with EVEN every sub-tile in range is whole
         for s0 in range(first_row, tl.minimum(first_row + ROWS, S), BLOCK_S):
@@ -161,7 +161,7 @@ if op.HAS_TRITON:
             g = _load(g_ptr, offsets, mask, EVEN).to(COMPUTE)  # masked: g = 0, so every term is 0
             dx, terms = _grads(x, g, a, b, jitter, M, N, dx_ptr.dtype.element_ty, COMPUTE, FAST, WORK)
             _store(dx_ptr, offsets, dx, mask, EVEN)
-            acc = _add_terms(acc, terms, M, N)
+            acc = _add_terms(acc, terms, 0)
         first = pid_c * BLOCK_C
         fine = cols // cpg_f
         for k in tl.static_range(M + 1):

@@ -319,28 +319,36 @@ if HAS_TRITON:
             return tl.sum(t, axis=0)
 
     @triton.jit
-    def _sum_terms(terms, M: tl.constexpr, N: tl.constexpr, UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr):
-        """Column sums (float64) of each coefficient's terms: numerator ones, then denominator ones."""
+    def _sum_terms(acc, M: tl.constexpr, N: tl.constexpr, COPIES: tl.constexpr, UNIFORM_A: tl.constexpr,
+                   UNIFORM_B: tl.constexpr):  # fmt: skip
+        """Column sums (float64) of each coefficient's running sums (their COPIES added first):
+        numerator ones, then denominator ones."""
         sums = ()
         for k in tl.static_range(M + 1 + N):
-            sums = sums + (_column_sums(terms[k], UNIFORM_A if k <= M else UNIFORM_B).to(tl.float64),)
+            t = acc[k]
+            for c in tl.static_range(1, COPIES):
+                t = t + acc[c * (M + 1 + N) + k]
+            sums = sums + (_column_sums(t, UNIFORM_A if k <= M else UNIFORM_B).to(tl.float64),)
         return sums
 
     @triton.jit
     def _zero_terms(M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                    DTYPE: tl.constexpr):  # fmt: skip
-        """m+1+n zero tiles: the start of running sums of the coefficient-gradient terms."""
+                    DTYPE: tl.constexpr, COPIES: tl.constexpr):  # fmt: skip
+        """COPIES sets of m+1+n zero tiles: the start of running sums of the coefficient-gradient terms."""
         terms = ()
-        for k in tl.static_range(M + 1 + N):
+        for k in tl.static_range(COPIES * (M + 1 + N)):
             terms = terms + (tl.zeros((BLOCK_S, BLOCK_C), dtype=DTYPE),)
         return terms
 
     @triton.jit
-    def _add_terms(sums, terms, M: tl.constexpr, N: tl.constexpr):
-        """Term-by-term sums + terms of two (m+1+n)-tuples."""
+    def _add_terms(sums, terms, FIRST: tl.constexpr):
+        """``sums`` with the tuple ``terms`` added to its entries FIRST, FIRST+1, ..."""
         total = ()
-        for k in tl.static_range(M + 1 + N):
-            total = total + (sums[k] + terms[k],)
+        for k in tl.static_range(len(sums)):
+            if k >= FIRST and k < FIRST + len(terms):
+                total = total + (sums[k] + terms[k - FIRST],)
+            else:
+                total = total + (sums[k],)
         return total
 
     @triton.jit
@@ -359,16 +367,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _accumulate_tile(x, g, a, b, acc, largest, M: tl.constexpr, N: tl.constexpr, FOLD: tl.constexpr,
-                         DX: tl.constexpr, COMPUTE: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
-        """dx of a tile (as DX); ``acc`` plus its coefficient-gradient terms, FOLD adjacent columns
-        per running sum; ``largest`` updated with its |x|."""
+                         SHARED_SUMS: tl.constexpr, DX: tl.constexpr, COMPUTE: tl.constexpr,
+                         FAST: tl.constexpr):  # fmt: skip
+        """dx of a tile (as DX); ``acc`` plus its coefficient-gradient terms; ``largest`` updated
+        with its |x|. The FOLD adjacent columns of a coefficient set add their terms into one
+        set of running sums if SHARED_SUMS, else each into its own (``acc`` holds FOLD sets)."""
         xs, gs = _column_parts(x, FOLD), _column_parts(g, FOLD)
         dxs = ()
         for p in tl.static_range(FOLD):
             xp = xs[p].to(COMPUTE)
             largest = tl.maximum(largest, tl.abs(xp))
             dx, terms = _rational_grads(xp, gs[p].to(COMPUTE), a, b, M, N, DX, COMPUTE, FAST)  # masked: g = 0
-            acc = _add_terms(acc, terms, M, N)
+            acc = _add_terms(acc, terms, 0 if SHARED_SUMS else p * (M + 1 + N))
             dxs = dxs + (dx,)
         return _join_parts(dxs, FOLD), acc, largest
 
@@ -379,9 +389,10 @@ if HAS_TRITON:
         M: tl.constexpr, N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, FOLD: tl.constexpr,
         UNIFORM_A: tl.constexpr, UNIFORM_B: tl.constexpr, EVEN: tl.constexpr,
         SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, COMPUTE: tl.constexpr, INDEX_64: tl.constexpr,
-        FAST: tl.constexpr, PDL: tl.constexpr,
+        FAST: tl.constexpr, PDL: tl.constexpr, SHARED_SUMS: tl.constexpr,
     ):  # fmt: skip
         DX: tl.constexpr = dx_ptr.dtype.element_ty
+        COPIES: tl.constexpr = 1 if SHARED_SUMS else FOLD
         if PDL:  # the reduction kernel may start launching now (it waits for this grid's end itself)
             tl.extra.cuda.gdc_launch_dependents()
         pid_c = tl.program_id(1)
@@ -390,8 +401,9 @@ if HAS_TRITON:
         a = _load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, COMPUTE, UNIFORM_A)
         b = _load_coefficients(b_ptr, group_b, fold_mask, N, True, COMPUTE, UNIFORM_B)
 
-        # Running sums of each coefficient's gradient terms, one per FOLD elements (registers only).
-        acc = _zero_terms(M, N, BLOCK_S, BLOCK_C // FOLD, COMPUTE)
+        # Running sums of each coefficient's gradient terms (registers only): COPIES sets of tiles
+        # of one sum per fold, so per element, or per FOLD elements where they are shared.
+        acc = _zero_terms(M, N, BLOCK_S, BLOCK_C // FOLD, COMPUTE, COPIES)
         largest = tl.zeros((BLOCK_S, BLOCK_C // FOLD), dtype=COMPUTE)  # max |x| seen, for the range check
         start, step = tl.program_id(0) * BLOCK_S, tl.num_programs(0) * BLOCK_S
         x_ahead = _tile_at(x_ptr, start, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
@@ -401,10 +413,11 @@ if HAS_TRITON:
             x, g = x_ahead, g_ahead
             x_ahead = _tile_at(x_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
             g_ahead = _tile_at(g_ptr, s0 + step, cols, col_mask, S, D, INNER, BLOCK_S, INDEX_64)
-            dx, acc, largest = _accumulate_tile(x, g, a, b, acc, largest, M, N, FOLD, DX, COMPUTE, FAST)
+            dx, acc, largest = _accumulate_tile(x, g, a, b, acc, largest, M, N, FOLD, SHARED_SUMS, DX, COMPUTE,
+                                                FAST)  # fmt: skip
             offsets, mask = _offsets(s0 + tl.arange(0, BLOCK_S), cols, S, D, INNER, col_mask, INDEX_64)
             _store(dx_ptr, offsets, dx, mask, EVEN)
-        sums = _sum_terms(acc, M, N, UNIFORM_A, UNIFORM_B)  # float64 partials: few, exact to add up
+        sums = _sum_terms(acc, M, N, COPIES, UNIFORM_A, UNIFORM_B)  # float64 partials: few, exact to add up
 
         if tl.max(largest) > safe_limit:  # rare: redo this program's elements in float64
             sums = _redo_backward_in_float64(x_ptr, g_ptr, dx_ptr, a_ptr, b_ptr, cols, col_mask, fold_mask, group_a,
@@ -429,17 +442,17 @@ if HAS_TRITON:
         tl.debug_barrier()  # the main loop's dx stores come first
         a = _load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, tl.float64, UNIFORM_A)
         b = _load_coefficients(b_ptr, group_b, fold_mask, N, True, tl.float64, UNIFORM_B)
-        acc = _zero_terms(M, N, 1, BLOCK_C // FOLD, tl.float64)
+        acc = _zero_terms(M, N, 1, BLOCK_C // FOLD, tl.float64, 1)
         unused = tl.zeros((1, BLOCK_C // FOLD), dtype=tl.float64)
         for s0 in range(tl.program_id(0) * BLOCK_S, S, tl.num_programs(0) * BLOCK_S):
             for row in range(s0, tl.minimum(s0 + BLOCK_S, S)):
                 offsets, mask = _offsets(tl.full((1,), row, tl.int32), cols, S, D, INNER, col_mask, INDEX_64)
                 x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
                 g = tl.load(g_ptr + offsets, mask=mask, other=0.0)
-                dx, acc, _ = _accumulate_tile(x, g, a, b, acc, unused, M, N, FOLD, dx_ptr.dtype.element_ty,
+                dx, acc, _ = _accumulate_tile(x, g, a, b, acc, unused, M, N, FOLD, True, dx_ptr.dtype.element_ty,
                                               tl.float64, False)  # fmt: skip
                 tl.store(dx_ptr + offsets, dx, mask=mask)
-        return _sum_terms(acc, M, N, UNIFORM_A, UNIFORM_B)
+        return _sum_terms(acc, M, N, 1, UNIFORM_A, UNIFORM_B)
 
     @triton.jit
     def _reduce_group(partial_ptr, coef_ptr, out_ptr, group, programs_s, tiles_c, cpg,
@@ -556,14 +569,13 @@ def _group_slots(width: int, cpg: int) -> int:
 
 
 def _fold(config: "_Config", dtype: torch.dtype, inner: int, elements: int) -> int:
-    """Adjacent columns per coefficient set (forward) or running sum (backward), see
-    ``_column_parts``: at most the columns one thread holds (a 16-byte load's worth), and within one
-    group of every non-uniform set."""
-    if inner != 1 or dtype.itemsize > 4:
+    """Adjacent columns per coefficient set, see ``_column_parts``: the columns one thread holds
+    (a 16-byte load's worth), within one group of every non-uniform set. Float32 tiles with scalar
+    coefficients stay unfolded: they keep a running sum per element, so a fold would save nothing
+    and only change the order of the final sums."""
+    if inner != 1 or dtype.itemsize > 4 or (dtype.itemsize == 4 and config.uniform_a and config.uniform_b):
         return 1
-    wanted = _TUNING["fold_16bit" if dtype.itemsize == 2 else "fold_32bit"]
-    per_thread = min(16 // dtype.itemsize, config.block_c, max(elements // (32 * config.num_warps), 1))
-    fold = min(wanted, per_thread)
+    fold = min(16 // dtype.itemsize, config.block_c, max(elements // (32 * config.num_warps), 1))
     for cpg, uniform in ((config.cpg_a, config.uniform_a), (config.cpg_b, config.uniform_b)):
         if not uniform:
             fold = min(fold, cpg & -cpg)  # largest power of two dividing the group width
@@ -574,7 +586,7 @@ _INDEX_64_FROM = 2**31 - 1  # element count from which offsets are computed in i
 
 # Tile sizes, folds, register caps, grid occupancy (programs per SM) and the final reduction's
 # shape; the defaults were chosen by measurement (docs/BENCHMARKS.md).
-_TUNING = dict(num_warps=4, fold_16bit=8, fold_32bit=1,
+_TUNING = dict(num_warps=4, shared_sums_32bit=False,
                forward_elements=1024, forward_waves=8, forward_maxnreg=40, forward_capped_waves=12,
                backward_elements=512, backward_elements_16bit=1024, backward_waves=4, backward_maxnreg=80,
                backward_capped_waves=6, reduce_rows=1024, reduce_warps=8, pdl=True)  # fmt: skip
@@ -601,7 +613,10 @@ class _Config:
             # share running sums; unfolded, every element needs its own m+1+n of them
             elements = _TUNING["backward_elements_16bit" if dtype.itemsize == 2 else "backward_elements"]
         self.fold = _fold(self, dtype, inner, elements)
-        if backward and self.fold == 1:
+        # A fold's columns share running sums in 16-bit; float32 keeps one per element, because
+        # sharing costs accuracy there (measured, docs/BENCHMARKS.md step 16)
+        self.shared_sums = backward and self.fold > 1 and (dtype.itemsize == 2 or _TUNING["shared_sums_32bit"])
+        if backward and not self.shared_sums:
             elements = _TUNING["backward_elements"]
         self.block_s = max(elements // self.block_c, 1)
         self.tiles_c = triton.cdiv(D, self.block_c)
@@ -668,7 +683,7 @@ class _Plan:
         self.partials = offset_b + max(bwd.programs_s * bwd.tiles_c * bwd.slots_b * n, 1)
         self.backward = ((bwd.programs_s, bwd.tiles_c), (S, D, inner, bwd.cpg_a, bwd.cpg_b, bwd.safe_limit,
                          offset_b), dict(M=m, N=n, SLOTS_A=bwd.slots_a, SLOTS_B=bwd.slots_b, PDL=bwd.pdl,
-                                         **bwd.meta()))  # fmt: skip
+                                         SHARED_SUMS=bwd.shared_sums, **bwd.meta()))  # fmt: skip
         self.reduce = ((groups_a + (groups_b if n > 0 else 0),),
                        (offset_b, groups_a, bwd.programs_s, bwd.tiles_c, bwd.cpg_a, bwd.cpg_b),
                        dict(M=m, N=n, MP=_next_pow2(m + 1), NP=_next_pow2(max(n, 1)), SLOTS_A=bwd.slots_a,
