@@ -690,6 +690,7 @@ class _Plan:
                             SLOTS_B=bwd.slots_b, BLOCK_C=bwd.block_c, BLOCK_P=_TUNING["reduce_rows"],
                             PDL=bwd.pdl, num_warps=_TUNING["reduce_warps"],
                             **({"launch_pdl": True} if bwd.pdl else {})))  # fmt: skip
+        self.launchers: dict = {}  # direct launchers of this plan's compiled kernels, see ``_launch``
 
 
 _PLANS: dict = {}
@@ -709,8 +710,7 @@ def _plan(x, numerator, denominator, dim, out_dtype) -> _Plan:
     return plan
 
 
-# Launchers of compiled kernels by launch key, for ``_launch``. FLASHKAT_FAST_LAUNCH=0 turns them off.
-_LAUNCHERS: dict = {}
+# Eager CUDA launches go through per-plan launchers (see ``_launch``); FLASHKAT_FAST_LAUNCH=0 turns them off.
 _FAST_LAUNCH = os.environ.get("FLASHKAT_FAST_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
@@ -718,7 +718,19 @@ def _clear_caches() -> None:
     """Forget configurations, plans and launchers (after changing ``_TUNING`` or ``_INDEX_64_FROM``)."""
     _config.cache_clear()
     _PLANS.clear()
-    _LAUNCHERS.clear()
+
+
+def _bare_launch(run):
+    """(Triton 3.6's compiled launch function, its flags) behind ``run``, whose Python wrapper only
+    allocates scratch memory these kernels do not use; None for other versions or kernels."""
+    if not triton.__version__.startswith("3.6."):
+        return None
+    try:
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None
+        return run.launch, (run.launch_cooperative_grid, run.launch_pdl, None, None)
+    except AttributeError:
+        return None
 
 
 def _direct_launcher(compiled, grid: tuple, constants: tuple, device_index: int):
@@ -735,35 +747,50 @@ def _direct_launcher(compiled, grid: tuple, constants: tuple, device_index: int)
         return None
     stream = torch._C._cuda_getCurrentRawStream
     x, y, z = (*grid, 1, 1)[:3]
+    bare = _bare_launch(run)
+    if bare is not None:
+        launch, flags = bare
 
-    def launch(args: tuple) -> None:
+        def launch_bare(args: tuple) -> None:
+            launch(x, y, z, stream(device_index), function, *flags, metadata, None, None, None, *args, *constants)
+
+        return launch_bare
+
+    def launch_run(args: tuple) -> None:
         run(x, y, z, stream(device_index), function, metadata, None, None, None, *args, *constants)
 
-    return launch
+    return launch_run
 
 
-def _launch(kernel, grid: tuple, args: tuple, meta: dict, plan: _Plan) -> None:
-    """``kernel[grid](*args, **meta)``, fast after the first launch with the same key.
+def _launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, meta: dict, plan: _Plan) -> None:
+    """``kernel[grid](*tensors, *scalars, **meta)``, fast after the first launch with the same key.
 
     Triton's launcher binds and specialises every argument on every call, which costs more host
-    time than the GPU time of a small layer. The key fixes everything that specialisation reads:
-    the kernel and plan (which fix the grid and the integer arguments) and each tensor argument's
-    dtype and 16-byte alignment.
+    time than the GPU time of a small layer. The plan fixes the grid and the scalar arguments; the
+    key adds the tensors' dtypes (one of them, the incoming gradient's, is not in the plan). Only
+    calls whose tensors are all 16-byte aligned (what Triton specialises pointers on) use cached
+    launchers; others take Triton's path every time.
     """
     global _FAST_LAUNCH
-    key = (kernel, plan.key, tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)))
-    launcher = _LAUNCHERS.get(key) if _FAST_LAUNCH else None
+    aligned = True
+    for t in tensors:
+        if t.data_ptr() % 16:
+            aligned = False
+    key = (kernel.fn, *[t.dtype for t in tensors])
+    launcher = plan.launchers.get(key) if aligned and _FAST_LAUNCH else None
     if launcher is not None:
         try:
-            return launcher(args)
+            return launcher(tensors + scalars)
         except TypeError:  # another Triton's launcher signature (raised before launching): use the JIT's
             _FAST_LAUNCH = False
-    compiled = kernel[grid](*args, **meta)
-    if _FAST_LAUNCH and args[0].is_cuda:
-        constants = tuple(meta[name] for name in kernel.arg_names[len(args):])
-        _LAUNCHERS[key] = _direct_launcher(compiled, grid, constants, args[0].device.index)
-        if _LAUNCHERS[key] is None:
+    compiled = kernel[grid](*tensors, *scalars, **meta)
+    if aligned and _FAST_LAUNCH and tensors[0].is_cuda:
+        constants = tuple(meta[name] for name in kernel.arg_names[len(tensors) + len(scalars):])
+        launcher = _direct_launcher(compiled, grid, constants, tensors[0].device.index)
+        if launcher is None:
             _FAST_LAUNCH = False
+        else:
+            plan.launchers[key] = launcher
 
 
 def triton_forward(
@@ -786,7 +813,7 @@ def _launch_forward(x, numerator, denominator, plan: _Plan) -> torch.Tensor:
         return y
     numerator, denominator = numerator.contiguous(), denominator.contiguous()
     grid, scalars, meta = plan.forward
-    _launch(_forward_kernel, grid, (x, y, numerator, denominator, *scalars), meta, plan)
+    _launch(_forward_kernel, grid, (x, y, numerator, denominator), scalars, meta, plan)
     return y
 
 
@@ -806,17 +833,15 @@ def _launch_backward(grad_output, x, numerator, denominator, plan: _Plan):
         x = x.contiguous()
     if grad_output.stride() != x.stride():
         grad_output = torch.empty_like(x, dtype=grad_output.dtype).copy_(grad_output)
-    dx = torch.empty_like(x)
-    da = torch.empty(numerator.shape, dtype=numerator.dtype, device=numerator.device)
-    db = torch.empty(denominator.shape, dtype=denominator.dtype, device=denominator.device)
+    numerator, denominator = numerator.contiguous(), denominator.contiguous()
+    dx, da, db = torch.empty_like(x), torch.empty_like(numerator), torch.empty_like(denominator)
     if plan.empty:
         return dx, da.zero_(), db.zero_()
-    numerator, denominator = numerator.contiguous(), denominator.contiguous()
     partials = torch.empty(plan.partials, device=x.device, dtype=torch.float64)
     grid, scalars, meta = plan.backward
-    _launch(_backward_kernel, grid, (x, grad_output, dx, numerator, denominator, partials, *scalars), meta, plan)
+    _launch(_backward_kernel, grid, (x, grad_output, dx, numerator, denominator, partials), scalars, meta, plan)
     grid, scalars, meta = plan.reduce
-    _launch(_reduce_kernel, grid, (partials, numerator, da, denominator, db, *scalars), meta, plan)
+    _launch(_reduce_kernel, grid, (partials, numerator, da, denominator, db), scalars, meta, plan)
     return dx, da, db
 
 
