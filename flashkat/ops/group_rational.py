@@ -589,7 +589,7 @@ _INDEX_64_FROM = 2**31 - 1  # element count from which offsets are computed in i
 _TUNING = dict(num_warps=4, shared_sums_32bit=False,
                forward_elements=1024, forward_waves=8, forward_maxnreg=40, forward_capped_waves=12,
                backward_elements=512, backward_elements_16bit=1024, backward_waves=4, backward_maxnreg=80,
-               backward_capped_waves=6, reduce_rows=1024, reduce_warps=8, pdl=True)  # fmt: skip
+               backward_capped_waves=6, reduce_rows=1024, reduce_warps=16, pdl=True)  # fmt: skip
 
 
 class _Config:
