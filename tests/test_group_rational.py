@@ -339,8 +339,8 @@ def test_out_dtype_stores_the_result_in_another_dtype():
 
 
 def test_views_of_any_alignment_after_aligned_calls():
-    """Launches are cached by a key that includes pointer alignment: a view that starts 4 bytes
-    into its storage must not reuse the kernel specialised for 16-byte aligned pointers."""
+    """Only calls whose pointers are all 16-byte aligned reuse cached launchers: a view that starts
+    4 bytes into its storage must not reuse the kernel specialised for aligned pointers."""
     a, b = random_coefficients(1, 8, (5, 4))
     storage = torch.randn(3 * 16 * 64 + 1, device=DEVICE)
     aligned = storage[:-1].view(3, 16, 64)

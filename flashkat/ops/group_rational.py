@@ -584,8 +584,8 @@ def _fold(config: "_Config", dtype: torch.dtype, inner: int, elements: int) -> i
 
 _INDEX_64_FROM = 2**31 - 1  # element count from which offsets are computed in int64
 
-# Tile sizes, folds, register caps, grid occupancy (programs per SM) and the final reduction's
-# shape; the defaults were chosen by measurement (docs/BENCHMARKS.md).
+# Tile sizes, whether float32 folds share running sums, register caps, grid occupancy (programs
+# per SM) and the final reduction's shape; the defaults were chosen by measurement (docs/BENCHMARKS.md).
 _TUNING = dict(num_warps=4, shared_sums_32bit=False,
                forward_elements=1024, forward_waves=8, forward_maxnreg=40, forward_capped_waves=12,
                backward_elements=512, backward_elements_16bit=1024, backward_waves=4, backward_maxnreg=80,
