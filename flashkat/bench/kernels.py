@@ -38,7 +38,7 @@ CPU_LABEL = "cpu-reference"
 INTERPRETER_NOTE = "interpreter: not a speed"
 
 # A small, deliberate list of launch settings tried by --sweep, each a change to the defaults
-# (``op._TUNING``, the first entry): the alternatives measured in docs/BENCHMARKS.md, steps 11-17.
+# (``op._TUNING``, the first entry): the alternatives measured in docs/BENCHMARKS.md, steps 11-21.
 SWEEP = [
     {},
     {"backward_capped_waves": 4},  # fewer resident backward programs
@@ -47,6 +47,7 @@ SWEEP = [
     {"forward_capped_waves": 16, "forward_maxnreg": 32},  # more resident 16-bit forward programs
     {"forward_maxnreg": 0, "forward_waves": 8},  # 16-bit forward without a register cap
     {"reduce_rows": 256, "reduce_warps": 4, "pdl": False},  # step 16's final reduction, as before
+    {"reduce_warps": 8},  # step 21's final reduction, as before
     {"shared_sums_32bit": True},  # float32 running sums shared by 4 columns (faster, less accurate)
 ]
 
