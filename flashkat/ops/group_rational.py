@@ -747,19 +747,12 @@ def _direct_launcher(compiled, grid: tuple, constants: tuple, device_index: int)
         return None
     stream = torch._C._cuda_getCurrentRawStream
     x, y, z = (*grid, 1, 1)[:3]
-    bare = _bare_launch(run)
-    if bare is not None:
-        launch, flags = bare
+    target, flags = _bare_launch(run) or (run, ())  # the bare function takes the flags ``run`` adds
 
-        def launch_bare(args: tuple) -> None:
-            launch(x, y, z, stream(device_index), function, *flags, metadata, None, None, None, *args, *constants)
+    def launch(args: tuple) -> None:
+        target(x, y, z, stream(device_index), function, *flags, metadata, None, None, None, *args, *constants)
 
-        return launch_bare
-
-    def launch_run(args: tuple) -> None:
-        run(x, y, z, stream(device_index), function, metadata, None, None, None, *args, *constants)
-
-    return launch_run
+    return launch
 
 
 def _launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, meta: dict, plan: _Plan) -> None:
