@@ -72,7 +72,7 @@ def test_bench_kernels_sweep_restores_tuning(tmp_path):
 
 def test_bench_model(tmp_path, capsys):
     args = ["bench", "model", "--sizes", "tiny", "--dtypes", "bf16", "fp16", "--modes", "eager", "--warmup", "1",
-            "--steps", "1", "--impls", "flashkat", "blocked", "atomic", "--atomic-steps", "1",
+            "--steps", "1", "--impls", "flashkat", "blocked", "atomic", "gelu", "--atomic-steps", "1",
             "--output", str(tmp_path), *SMALL_MODEL]  # fmt: skip
     assert main(args) == 0
     payload = json.loads((tmp_path / "model.json").read_text())
@@ -80,7 +80,7 @@ def test_bench_model(tmp_path, capsys):
     vits = [r for r in rows if r["model"] == "vit_tiny_patch16_224"]
     kats = [r for r in rows if r["model"] == "kat_tiny_patch16_224"]
     assert len(vits) == 2  # one per dtype
-    expected = {"flashkat", "blocked", "atomic"} if DEVICE == "cuda" else {"cpu-reference"}
+    expected = {"flashkat", "blocked", "atomic", "gelu"} if DEVICE == "cuda" else {"cpu-reference", "gelu"}
     assert {r["impl"] for r in kats} == expected and len(kats) == 2 * len(expected)
     for row in kats:
         vit = next(v for v in vits if v["dtype"] == row["dtype"])
@@ -110,6 +110,18 @@ def test_kat_model_has_group_rationals_to_switch():
     assert mbench.set_impl(kat, "blocked") == 2 * mbench.CPU_MODEL_ARGS["depth"]  # act1 and act2 per block
     assert mbench.set_impl(vit, "blocked") == 0
     assert {m.impl for m in kat.modules() if hasattr(m, "impl")} == {"blocked"}
+
+
+def test_gelu_standins_replace_every_group_rational():
+    kat = mbench.create_model("kat_tiny_patch16_224", "cpu", dict(mbench.CPU_MODEL_ARGS))
+    assert mbench.use_gelu_standins(kat) == 2 * mbench.CPU_MODEL_ARGS["depth"]
+    assert mbench.set_impl(kat, "flashkat") == 0 and not any("weight_denominator" in n for n, _ in kat.named_parameters())
+    act1, act2 = kat.blocks[0].mlp.act1, kat.blocks[0].mlp.act2
+    x = torch.randn(2, 5, 192)
+    assert torch.equal(act2(x), torch.nn.functional.gelu(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # act1 stores what fc1 casts to, act2 keeps its input's
+        assert act1(x).dtype == torch.bfloat16 and act2(x).dtype == torch.float32
+        assert torch.equal(act1(x), torch.nn.functional.gelu(x).to(torch.bfloat16))
 
 
 def test_parse_model_args():

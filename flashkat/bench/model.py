@@ -16,6 +16,11 @@ per-block call overhead, which matters where the host bounds the step); and ``re
 the whole model compiled with ``mode="reduce-overhead"``, which replays each step's kernels as
 CUDA graphs, so the step costs its GPU time and next to no host time.
 
+``--impls gelu`` adds a KAT whose GR-KANs are replaced by GELUs (same output dtypes): what KAT
+would cost if each GR-KAN cost what ATen's GELU costs, host time included, i.e. the best any
+activation operator could do in this architecture; in eager steps of small models, where the host
+sets the pace, it shows how much of KAT's gap is the extra layer itself rather than the operator.
+
 The ``atomic`` implementation (KAT's design) is about 100x slower: it is opt-in (``--impls``)
 and runs ``--atomic-steps`` timed steps only. On the CPU the op runs the float64 reference for
 every implementation, so one KAT row ("cpu-reference") is timed, on a small configuration.
@@ -40,6 +45,7 @@ SIZES = ("tiny", "small", "base")
 MODES = ("eager", "compile", "compile-model", "reduce-overhead")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_LABEL = "cpu-reference"
+GELU_LABEL = "gelu"  # KAT with GELUs in place of its GR-KANs (see the module docstring)
 # A model small enough for a CPU (and CI): 32 px images in 8 px patches, 2 blocks.
 CPU_MODEL_ARGS = {"img_size": 32, "patch_size": 8, "depth": 2}
 
@@ -73,6 +79,34 @@ def set_impl(model: torch.nn.Module, impl: str) -> int:
     return len(layers)
 
 
+class GeluStandin(torch.nn.Module):
+    """F.gelu where a ``GroupRational`` was, with the same output dtype (under autocast a
+    ``follow_autocast`` layer stores the autocast dtype, and takes it when compiled)."""
+
+    def __init__(self, follow_autocast: bool) -> None:
+        super().__init__()
+        self.follow_autocast = follow_autocast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.follow_autocast and torch.is_autocast_enabled(x.device.type)):
+            return F.gelu(x)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if torch.compiler.is_compiling():
+            x = x.to(dtype)
+        return F.gelu(x).to(dtype)
+
+
+def use_gelu_standins(model: torch.nn.Module) -> int:
+    """Replace every ``GroupRational`` of ``model`` by a ``GeluStandin``; returns how many."""
+    from flashkat.layers import GroupRational
+
+    parents = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, GroupRational)]  # fmt: skip
+    for parent, name, child in parents:
+        setattr(parent, name, GeluStandin(child.follow_autocast))
+    return len(parents)
+
+
 def apply_mode(model: torch.nn.Module, mode: str) -> None:
     """``torch.compile`` ``model`` in place as ``mode`` says (see the module docstring): each
     transformer block (the whole model when it has no ``blocks``), the whole model (with CUDA
@@ -96,8 +130,9 @@ class TrainingStep:
         self.name, self.impl, self.dtype, self.mode, self.batch, self.device = name, impl, dtype, mode, batch, device
         self.model = create_model(name, device, model_args)
         if impl is not None and impl != CPU_LABEL:
-            if set_impl(self.model, impl) == 0:
-                raise RuntimeError(f"bench model: {name} has no GroupRational layers to set impl={impl!r} on")
+            layers = use_gelu_standins(self.model) if impl == GELU_LABEL else set_impl(self.model, impl)
+            if layers == 0:
+                raise RuntimeError(f"bench model: {name} has no GroupRational layers for impl={impl!r}")
         apply_mode(self.model, mode)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05, fused=device == "cuda")
@@ -187,8 +222,9 @@ def parse_model_args(items: list[str] | None, device: str) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", nargs="+", choices=SIZES, help="model sizes (default: all on a GPU, tiny on the CPU)")
-    parser.add_argument("--impls", nargs="+", choices=["flashkat", "blocked", "atomic"],
-                        help="backward implementations (default: flashkat blocked; atomic is opt-in)")  # fmt: skip
+    parser.add_argument("--impls", nargs="+", choices=["flashkat", "blocked", "atomic", GELU_LABEL],
+                        help="backward implementations (default: flashkat blocked; atomic is opt-in); "
+                             "gelu: KAT with GELUs in place of its GR-KANs, the cost of an activation as cheap as ATen's")  # fmt: skip
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
     parser.add_argument("--modes", nargs="+", choices=MODES,
                         help="eager, compile (each block), compile-model or reduce-overhead (default: eager, compile and reduce-overhead on a GPU, eager on the CPU)")  # fmt: skip
@@ -207,8 +243,8 @@ COLUMNS = ["size", "mode", "dtype", "model", "impl", "batch", "images_per_s", "v
 def run(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device == "cuda"
-    # On the CPU every implementation runs the reference: one KAT row says it all.
-    impls = (args.impls or ["flashkat", "blocked"]) if gpu else [CPU_LABEL]
+    # On the CPU every implementation runs the reference: one KAT row says it all (and the GELU one).
+    impls = (args.impls or ["flashkat", "blocked"]) if gpu else [CPU_LABEL, *{GELU_LABEL} & set(args.impls or [])]
     model_args = parse_model_args(args.model_args, device)
     rows = benchmark(
         sizes=args.sizes or (list(SIZES) if gpu else ["tiny"]), impls=impls, dtypes=args.dtypes,
