@@ -32,6 +32,7 @@ import os
 import torch
 
 from flashkat import reference
+from flashkat.ops import native
 
 try:  # Triton is optional: without it every device uses the reference.
     import triton
@@ -691,6 +692,7 @@ class _Plan:
                             PDL=bwd.pdl, num_warps=_TUNING["reduce_warps"],
                             **({"launch_pdl": True} if bwd.pdl else {})))  # fmt: skip
         self.launchers: dict = {}  # direct launchers of this plan's compiled kernels, see ``_launch``
+        self.native: bool | None = None  # registered with the native launcher? (None: not tried yet)
 
 
 _PLANS: dict = {}
@@ -718,6 +720,8 @@ def _clear_caches() -> None:
     """Forget configurations, plans and launchers (after changing ``_TUNING`` or ``_INDEX_64_FROM``)."""
     _config.cache_clear()
     _PLANS.clear()
+    if native._module:
+        native._module.clear()
 
 
 def _bare_launch(run):
@@ -733,12 +737,17 @@ def _bare_launch(run):
         return None
 
 
+def _launches_hooked() -> bool:
+    """Whether a profiler hooked Triton's launches (which launch paths that skip Triton's would hide)."""
+    hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
+    return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
+
+
 def _direct_launcher(compiled, grid: tuple, constants: tuple, device_index: int):
     """A function of the runtime arguments that launches ``compiled`` on the current stream: what
     ``compiled[grid](*args)`` does, without rebuilding a closure and looking up the device, stream
     and hooks on every call. None where this Triton's compiled kernels look different."""
-    hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
-    if any(hook is not None and getattr(hook, "calls", True) for hook in hooks):
+    if _launches_hooked():
         return None  # a profiler hooked the launches: keep Triton's own path
     try:
         compiled._init_handles()
@@ -936,12 +945,53 @@ def group_rational(
     baselines "blocked" and "atomic".
     """
     _check_impl(impl)
-    plan = None
-    if _launches_directly(x):
-        plan = _plan(x, numerator, denominator, dim, out_dtype)  # checks the arguments (once per signature)
-    else:
+    if not _launches_directly(x):
         dim = _check_args(x, numerator, denominator, dim, out_dtype)
-    return _GroupRational.apply(x, numerator, denominator, dim, impl, out_dtype, plan)
+        return _GroupRational.apply(x, numerator, denominator, dim, impl, out_dtype, None)
+    launcher = native.module() if impl == "flashkat" else None
+    if launcher is not None:  # signatures seen before, aligned tensors: all in C++
+        try:
+            y = launcher.forward(x, numerator, denominator, dim, _OUT_CODES.get(out_dtype, -2))
+        except TypeError:  # not tensors, say: the Python path raises the clear error
+            y = None
+        if y is not None:
+            return y
+    plan = _plan(x, numerator, denominator, dim, out_dtype)  # checks the arguments (once per signature)
+    y = _GroupRational.apply(x, numerator, denominator, dim, impl, out_dtype, plan)
+    if launcher is not None and plan.native is None:
+        plan.native = _register_native(launcher, x, numerator, denominator, dim, out_dtype, plan)
+    return y
+
+
+_OUT_CODES = {None: -1, torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _register_native(launcher, x, numerator, denominator, dim: int, out_dtype, plan: _Plan) -> bool | None:
+    """Compile the plan's three kernels (for the gradient in ``plan.out_dtype``, as autograd
+    delivers it) and register them with the native launcher; False where it cannot take them,
+    None where this call's tensors are not 16-byte aligned (the next call tries again)."""
+    if plan.empty or not (numerator.is_contiguous() and denominator.is_contiguous()) or _launches_hooked():
+        return False
+    dense = x if plan.dense else x.contiguous()  # what the kernels see
+    if any(t.data_ptr() % 16 for t in (dense, numerator, denominator)):
+        return None  # the kernels would be specialised for unaligned addresses
+    y, grad = torch.empty_like(dense, dtype=plan.out_dtype), torch.empty_like(dense, dtype=plan.out_dtype)
+    partials = torch.empty(plan.partials, device=x.device, dtype=torch.float64)
+    launches = ((_forward_kernel, plan.forward, (dense, y, numerator, denominator)),
+                (_backward_kernel, plan.backward, (dense, grad, torch.empty_like(dense), numerator, denominator,
+                                                   partials)),
+                (_reduce_kernel, plan.reduce, (partials, numerator, torch.empty_like(numerator), denominator,
+                                               torch.empty_like(denominator))))  # fmt: skip
+    specs = []
+    for kernel, (grid, scalars, meta), tensors in launches:
+        compiled = kernel.warmup(*tensors, *scalars, grid=grid, **meta)  # compiles, launches nothing
+        spec = native.kernel_spec(compiled, kernel.arg_names, (*tensors, *scalars), len(tensors), grid)
+        if spec is None:
+            return False
+        specs.append(spec)
+    launcher.register_plan(x, numerator, denominator, dim, _OUT_CODES.get(out_dtype, -2), plan.out_dtype, plan.dense,
+                           plan.partials, *specs)  # fmt: skip
+    return True
 
 
 def _launches_directly(x) -> bool:

@@ -1,0 +1,224 @@
+// Eager CUDA calls of the group-rational op without Python: a C++ autograd function that looks up
+// the call's plan (built and compiled once per signature by flashkat/ops/group_rational.py, which
+// registers the compiled Triton kernels here) and launches the kernels through the driver API.
+//
+// Why: an eager step of a small KAT is bound by the host, and a Python autograd.Function with its
+// launch code costs several times what an ATen op costs (docs/BENCHMARKS.md, step 22). Here a call
+// costs one Python -> C++ crossing, a hash lookup, one allocation and one launch forward, and in
+// backward four allocations and two launches, all in C++. The kernels, their arguments and hence
+// the results are exactly those of the Python path.
+//
+// A kernel's parameters are those of Triton's compiled function: every argument that is not a
+// constexpr (tensors as device addresses, scalars by type), then Triton's two scratch pointers,
+// unused by these kernels (null). Python builds that list from the compiled signature.
+
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
+#include <dlfcn.h>
+
+#include <cstring>
+#include <deque>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+using LaunchKernelEx = CUresult (*)(const CUlaunchConfig*, CUfunction, void**, void**);
+
+LaunchKernelEx launch_kernel_ex() {
+  static const LaunchKernelEx function = [] {
+    void* library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (library == nullptr) library = dlopen("libcuda.so.1", RTLD_NOW);
+    TORCH_CHECK(library != nullptr, "flashkat native: cannot open libcuda.so.1");
+    auto found = reinterpret_cast<LaunchKernelEx>(dlsym(library, "cuLaunchKernelEx"));
+    TORCH_CHECK(found != nullptr, "flashkat native: libcuda.so.1 has no cuLaunchKernelEx");
+    return found;
+  }();
+  return function;
+}
+
+constexpr size_t kMaxParams = 30;
+
+// One kernel parameter: kind 't' is the address of tensor number `integer` of the launch, 'i' an
+// int32, 'l' an int64, 'f' a float32 and 'd' a float64 scalar, fixed by the plan.
+struct Param {
+  char kind;
+  int64_t integer;
+  double real;
+};
+
+struct Kernel {
+  CUfunction function = nullptr;
+  unsigned grid[3] = {1, 1, 1};
+  unsigned threads = 0, shared = 0;
+  bool pdl = false;
+  std::vector<Param> params;
+
+  void launch(std::initializer_list<const at::Tensor*> tensors, CUstream stream) const {
+    uint64_t cells[kMaxParams + 2];
+    void* pointers[kMaxParams + 2];
+    const at::Tensor* const* slot = tensors.begin();
+    size_t n = 0;
+    for (const Param& p : params) {
+      uint64_t& cell = cells[n];
+      cell = 0;
+      if (p.kind == 't') {
+        cell = reinterpret_cast<uint64_t>(slot[p.integer]->data_ptr());
+      } else if (p.kind == 'i') {
+        const int32_t value = static_cast<int32_t>(p.integer);
+        std::memcpy(&cell, &value, sizeof value);
+      } else if (p.kind == 'l') {
+        std::memcpy(&cell, &p.integer, sizeof p.integer);
+      } else if (p.kind == 'f') {
+        const float value = static_cast<float>(p.real);
+        std::memcpy(&cell, &value, sizeof value);
+      } else {
+        std::memcpy(&cell, &p.real, sizeof p.real);
+      }
+      pointers[n] = &cell;
+      ++n;
+    }
+    for (int scratch = 0; scratch < 2; ++scratch, ++n) {  // global and profile scratch: none
+      cells[n] = 0;
+      pointers[n] = &cells[n];
+    }
+    CUlaunchAttribute serialization{};
+    serialization.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    serialization.value.programmaticStreamSerializationAllowed = 1;
+    CUlaunchConfig config{};
+    config.gridDimX = grid[0];
+    config.gridDimY = grid[1];
+    config.gridDimZ = grid[2];
+    config.blockDimX = threads;
+    config.blockDimY = 1;
+    config.blockDimZ = 1;
+    config.sharedMemBytes = shared;
+    config.hStream = stream;
+    config.attrs = pdl ? &serialization : nullptr;
+    config.numAttrs = pdl ? 1 : 0;
+    const CUresult result = launch_kernel_ex()(&config, function, pointers, nullptr);
+    TORCH_CHECK(result == CUDA_SUCCESS, "flashkat native: kernel launch failed (CUresult ", static_cast<int>(result), ")");
+  }
+};
+
+struct Plan {
+  Kernel forward, backward, reduce;
+  at::ScalarType out_dtype;
+  bool dense;
+  int64_t partials;
+};
+
+// Plans by call signature. Replaced plans stay alive (in `all_plans`): a pending backward may hold one.
+std::unordered_map<std::string, const Plan*> plans;
+std::deque<Plan> all_plans;
+
+std::string signature(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator, int64_t dim,
+                      int64_t out_code) {
+  std::string key;
+  key.reserve(256);
+  const auto put = [&key](int64_t value) { key.append(reinterpret_cast<const char*>(&value), sizeof value); };
+  for (const at::Tensor* t : {&x, &numerator, &denominator}) {
+    put(t->dim());
+    for (const int64_t size : t->sizes()) put(size);
+    for (const int64_t stride : t->strides()) put(stride);
+    put(static_cast<int64_t>(t->scalar_type()));
+    put(static_cast<int64_t>(t->device().type()));
+    put(t->device().index());
+  }
+  put(dim);
+  put(out_code);
+  return key;
+}
+
+bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+CUstream current_stream(const at::Tensor& t) {
+  return reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct GroupRationalFunction : public torch::autograd::Function<GroupRationalFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& numerator,
+                            const at::Tensor& denominator, int64_t plan_address) {
+    const Plan& plan = *reinterpret_cast<const Plan*>(plan_address);
+    const c10::cuda::CUDAGuard guard(x_in.device());
+    const at::Tensor x = plan.dense ? x_in : x_in.contiguous();
+    at::Tensor y = at::empty_like(x, x.options().dtype(plan.out_dtype));
+    plan.forward.launch({&x, &y, &numerator, &denominator}, current_stream(x));
+    ctx->save_for_backward({x_in, numerator, denominator});
+    ctx->saved_data["plan"] = plan_address;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Plan& plan = *reinterpret_cast<const Plan*>(ctx->saved_data["plan"].toInt());
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &numerator = saved[1], &denominator = saved[2];
+    const c10::cuda::CUDAGuard guard(saved[0].device());
+    const at::Tensor x = plan.dense ? saved[0] : saved[0].contiguous();
+    at::Tensor grad = grads[0].scalar_type() == plan.out_dtype ? grads[0] : grads[0].to(plan.out_dtype);
+    if (grad.strides() != x.strides() || !aligned(grad)) {  // the layout and alignment the kernel was built for
+      grad = at::empty_like(x, grad.options()).copy_(grad);
+    }
+    at::Tensor dx = at::empty_like(x);
+    at::Tensor d_numerator = at::empty_like(numerator);
+    at::Tensor d_denominator = at::empty_like(denominator);
+    at::Tensor partials = at::empty({plan.partials}, x.options().dtype(at::kDouble));
+    const CUstream stream = current_stream(x);
+    plan.backward.launch({&x, &grad, &dx, &numerator, &denominator, &partials}, stream);
+    plan.reduce.launch({&partials, &numerator, &d_numerator, &denominator, &d_denominator}, stream);
+    return {dx, d_numerator, d_denominator, at::Tensor()};
+  }
+};
+
+// F(x) with autograd if a plan for this signature is registered and the tensors are 16-byte aligned
+// (what the kernels were specialised on); else None, and the caller takes the Python path.
+py::object forward(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator, int64_t dim,
+                   int64_t out_code) {
+  const auto found = plans.find(signature(x, numerator, denominator, dim, out_code));
+  if (found == plans.end() || !aligned(x) || !aligned(numerator) || !aligned(denominator)) return py::none();
+  return py::cast(GroupRationalFunction::apply(x, numerator, denominator, reinterpret_cast<int64_t>(found->second)));
+}
+
+Kernel to_kernel(const py::tuple& spec) {
+  Kernel kernel;
+  kernel.function = reinterpret_cast<CUfunction>(spec[0].cast<uint64_t>());
+  const auto grid = spec[1].cast<std::vector<unsigned>>();
+  TORCH_CHECK(grid.size() == 3, "flashkat native: a grid has 3 dimensions");
+  std::copy(grid.begin(), grid.end(), kernel.grid);
+  kernel.threads = spec[2].cast<unsigned>();
+  kernel.shared = spec[3].cast<unsigned>();
+  kernel.pdl = spec[4].cast<bool>();
+  for (const auto& item : spec[5].cast<py::list>()) {
+    const auto param = item.cast<py::tuple>();
+    const auto kind = param[0].cast<std::string>();
+    TORCH_CHECK(kind.size() == 1 && std::string("tilfd").find(kind[0]) != std::string::npos,
+                "flashkat native: unknown parameter kind ", kind);
+    kernel.params.push_back({kind[0], param[1].cast<int64_t>(), param[2].cast<double>()});
+  }
+  TORCH_CHECK(kernel.params.size() <= kMaxParams, "flashkat native: too many kernel parameters");
+  return kernel;
+}
+
+void register_plan(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator, int64_t dim,
+                   int64_t out_code, at::ScalarType out_dtype, bool dense, int64_t partials, const py::tuple& forward_spec,
+                   const py::tuple& backward_spec, const py::tuple& reduce_spec) {
+  all_plans.push_back(
+      Plan{to_kernel(forward_spec), to_kernel(backward_spec), to_kernel(reduce_spec), out_dtype, dense, partials});
+  plans[signature(x, numerator, denominator, dim, out_code)] = &all_plans.back();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "F(x) through a registered plan, or None");
+  m.def("register_plan", &register_plan, "register the compiled kernels of one call signature");
+  m.def("clear", [] { plans.clear(); }, "forget every plan (kept alive for pending backwards)");
+  m.def("plan_count", [] { return plans.size(); });
+}

@@ -1,0 +1,136 @@
+"""The native (C++) launcher of eager CUDA calls: kernel descriptions, the build, and on a GPU the
+same bits as the Python path and the float64 reference."""
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import flashkat
+from flashkat import reference
+from flashkat.ops import group_rational as op
+from flashkat.ops import native
+from conftest import check_coefficient_grads, coefficient_gradient_scale, random_coefficients, rel_l2, requires_cuda
+
+
+def fake_compiled(signature: dict, **metadata):
+    fields = dict(num_ctas=1, global_scratch_size=0, profile_scratch_size=0, launch_cooperative_grid=False,
+                  num_warps=4, shared=1024, launch_pdl=True)  # fmt: skip
+    fields.update(metadata)
+    return SimpleNamespace(src=SimpleNamespace(signature=signature), metadata=SimpleNamespace(**fields),
+                           function=1234, _init_handles=lambda: None)  # fmt: skip
+
+
+def test_kernel_spec_lists_the_compiled_parameters():
+    """Tensors by position, scalars by type and value, constexprs left out (as Triton's launcher)."""
+    names = ["x_ptr", "y_ptr", "S", "ONE", "big", "limit", "BLOCK"]
+    signature = {"x_ptr": "*bf16", "y_ptr": "*fp32", "S": "i32", "ONE": "constexpr", "big": "i64",
+                 "limit": "fp32", "BLOCK": "constexpr"}  # fmt: skip
+    args = ("x", "y", 197, 1, 2**40, 0.5, 64)
+    spec = native.kernel_spec(fake_compiled(signature), names, args, 2, (33, 2))
+    assert spec == (1234, (33, 2, 1), 128, 1024, True,
+                    [("t", 0, 0.0), ("t", 1, 0.0), ("i", 197, 0.0), ("l", 2**40, 0.0), ("f", 0, 0.5)])  # fmt: skip
+
+
+@pytest.mark.parametrize("metadata", [{"global_scratch_size": 64}, {"profile_scratch_size": 8}, {"num_ctas": 2},
+                                      {"launch_cooperative_grid": True}])  # fmt: skip
+def test_kernel_spec_refuses_what_the_launcher_cannot_provide(metadata):
+    assert native.kernel_spec(fake_compiled({"x_ptr": "*fp32"}, **metadata), ["x_ptr"], ("x",), 1, (1,)) is None
+
+
+def test_kernel_spec_refuses_unknown_scalars_and_stray_pointers():
+    assert native.kernel_spec(fake_compiled({"flag": "u1"}), ["flag"], (True,), 0, (1,)) is None
+    assert native.kernel_spec(fake_compiled({"x_ptr": "*fp32", "p": "*fp32"}), ["x_ptr", "p"], ("x", 0), 1, (1,)) is None
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
+def test_native_source_builds():
+    """The C++ launcher compiles and links against this torch (on any machine with a compiler)."""
+    module = native.build()
+    assert module.plan_count() == 0 or torch.cuda.is_available()
+    x = torch.randn(4, 16)
+    a, b = random_coefficients(1, 8, (5, 4), device="cpu")
+    assert module.forward(x, a, b, -1, -1) is None  # no plan for this signature: the caller's Python path
+
+
+def test_disabled_without_cuda_or_when_asked(monkeypatch):
+    monkeypatch.setenv("FLASHKAT_NATIVE", "0")
+    assert not native.enabled()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("FLASHKAT_NATIVE", "1")
+        assert not native.enabled()
+
+
+def run_both_paths(x, a, b, dim=-1, out_dtype=None, calls=2):
+    """(output, dx, da, db, grad_fn name) of the last of ``calls`` calls, native path then Python."""
+    results = []
+    for use_native in (True, False):
+        saved = native._module
+        if not use_native:
+            native._module = False
+        try:
+            for _ in range(calls):
+                xg, ag, bg = (t.detach().requires_grad_() for t in (x, a, b))
+                y = flashkat.group_rational(xg, ag, bg, dim, out_dtype=out_dtype)
+                g = torch.randn(y.shape, generator=torch.Generator(x.device).manual_seed(0), device=x.device).to(y.dtype)
+                grads = torch.autograd.grad(y, (xg, ag, bg), g)
+            results.append((y.detach(), *grads, y.grad_fn.name(), g))
+        finally:
+            native._module = saved
+    return results
+
+
+CASES = {
+    "fp32": (lambda: torch.randn(8, 197, 192, device="cuda"), -1, None),
+    "bf16": (lambda: torch.randn(8, 197, 768, device="cuda").bfloat16(), -1, None),
+    "fp16_4d_channels_first": (lambda: torch.randn(4, 64, 14, 14, device="cuda").half(), 1, None),
+    "fp32_stored_bf16": (lambda: torch.randn(8, 197, 192, device="cuda"), -1, torch.bfloat16),
+    "strided_slice": (lambda: torch.randn(8, 197, 384, device="cuda")[:, ::2], -1, None),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", list(CASES))
+def test_native_path_gives_the_python_paths_bits(case):
+    if native.module() is None:
+        pytest.fail("the native launcher did not build on this CUDA machine")
+    make, dim, out_dtype = CASES[case]
+    x = make()
+    a, b = random_coefficients(1, 8, (5, 4))
+    fast, slow = run_both_paths(x, a, b, dim, out_dtype)
+    assert "GroupRationalFunction" in fast[4] and "GroupRationalFunction" not in slow[4], (fast[4], slow[4])
+    for got, want in zip(fast[:4], slow[:4]):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    y, dx, da, db, _, g = fast
+    xd, ad, bd = x.double(), a.double(), b.double()
+    assert rel_l2(y, reference.forward(xd, ad, bd, dim)) < 8e-3
+    rdx, rda, rdb = reference.backward(g.double(), xd, ad, bd, dim)
+    assert rel_l2(dx, rdx) < 8e-3
+    check_coefficient_grads((da, db), (rda, rdb), coefficient_gradient_scale(g, x, a, b, dim), 1e-6)
+
+
+@requires_cuda
+def test_native_path_leaves_unaligned_views_and_other_impls_to_python():
+    """A signature's first call plans it (Python path); later aligned calls run natively, a view
+    4 bytes into its storage (same signature) and other backward implementations do not."""
+    op._clear_caches()
+    a, b = random_coefficients(1, 8, (5, 4))
+    storage = torch.randn(3 * 16 * 64 + 1, device="cuda")
+    aligned, shifted = storage[:-1].view(3, 16, 64), storage[1:].view(3, 16, 64)
+    for x, native_expected in ((aligned, False), (aligned, True), (shifted, False), (aligned, True)):
+        y = flashkat.group_rational(x.detach().requires_grad_(), a, b)
+        assert ("GroupRationalFunction" in y.grad_fn.name()) == native_expected, y.grad_fn.name()
+        assert rel_l2(y.detach(), reference.forward(x.double(), a.double(), b.double())) < 2e-6
+    y = flashkat.group_rational(aligned.detach().requires_grad_(), a, b, impl="blocked")
+    assert "GroupRationalFunction" not in y.grad_fn.name()
+
+
+@requires_cuda
+def test_native_backward_is_bitwise_deterministic():
+    x = torch.randn(64, 197, 192, device="cuda", requires_grad=True)
+    a, b = (t.requires_grad_() for t in random_coefficients(1, 8, (5, 4)))
+    g = torch.randn(64, 197, 192, device="cuda")
+    grads = [torch.autograd.grad(flashkat.group_rational(x, a, b), (x, a, b), g) for _ in range(4)]
+    for later in grads[2:]:
+        assert all(torch.equal(u, v) for u, v in zip(grads[1], later))
