@@ -1,6 +1,7 @@
 """The native (C++) launcher of eager CUDA calls: kernel descriptions, the build, and on a GPU the
 same bits as the Python path and the float64 reference."""
 
+import contextlib
 import shutil
 from types import SimpleNamespace
 
@@ -65,19 +66,14 @@ def test_disabled_without_cuda_or_when_asked(monkeypatch):
 def run_both_paths(x, a, b, dim=-1, out_dtype=None, calls=2):
     """(output, dx, da, db, grad_fn name) of the last of ``calls`` calls, native path then Python."""
     results = []
-    for use_native in (True, False):
-        saved = native._module
-        if not use_native:
-            native._module = False
-        try:
+    for path in (contextlib.nullcontext, native.disabled):
+        with path():
             for _ in range(calls):
                 xg, ag, bg = (t.detach().requires_grad_() for t in (x, a, b))
                 y = flashkat.group_rational(xg, ag, bg, dim, out_dtype=out_dtype)
                 g = torch.randn(y.shape, generator=torch.Generator(x.device).manual_seed(0), device=x.device).to(y.dtype)
                 grads = torch.autograd.grad(y, (xg, ag, bg), g)
             results.append((y.detach(), *grads, y.grad_fn.name(), g))
-        finally:
-            native._module = saved
     return results
 
 
@@ -134,3 +130,23 @@ def test_native_backward_is_bitwise_deterministic():
     grads = [torch.autograd.grad(flashkat.group_rational(x, a, b), (x, a, b), g) for _ in range(4)]
     for later in grads[2:]:
         assert all(torch.equal(u, v) for u, v in zip(grads[1], later))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_operators_give_the_python_paths_bits(dtype):
+    """The registered operators (what compiled graphs call) launch from C++ after a signature's
+    first call: same bits as the Python path, and as the reference within the usual bounds."""
+    op._clear_caches()
+    x = torch.randn(16, 197, 192, device="cuda").to(dtype)
+    g = torch.randn_like(x)
+    a, b = random_coefficients(1, 8, (5, 4))
+    calls = [torch.ops.flashkat.group_rational, torch.ops.flashkat.group_rational_backward]
+    fast = [calls[0](x, a, b, -1, "flashkat", None) for _ in range(2)][-1]
+    fast_grads = [calls[1](g, x, a, b, -1, "flashkat") for _ in range(2)][-1]
+    assert native.module().plan_count() >= 1
+    with native.disabled():
+        slow, slow_grads = calls[0](x, a, b, -1, "flashkat", None), calls[1](g, x, a, b, -1, "flashkat")
+    for got, want in zip((fast, *fast_grads), (slow, *slow_grads)):
+        assert torch.equal(got, want)
+    assert rel_l2(fast, reference.forward(x.double(), a.double(), b.double())) < 8e-3

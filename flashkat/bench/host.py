@@ -12,6 +12,7 @@ op runs the float64 reference (and so do these rows).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from flashkat import reference
 from flashkat.bench.harness import environment, markdown_table, positive_int, write_results
 from flashkat.ops import group_rational as op
+from flashkat.ops import native
 
 
 def host_us(fn: Callable[[], object], device: str, calls: int) -> float:
@@ -73,9 +75,13 @@ def measure(device: str, calls: int, rows: int = 64, channels: int = 192) -> lis
     cases["gelu forward (no_grad)"] = lambda: F.gelu(x)
     cases["group_rational forward+backward"] = op_pair
     cases["gelu forward+backward"] = gelu_pair
+    if native.module() is not None:
+        for name in ("operator forward (compiled graphs)", "group_rational forward+backward"):
+            cases[f"{name} (Python path)"] = cases[name]
     results = []
     for name, fn in cases.items():
-        with torch.set_grad_enabled(name.endswith("backward")):
+        python_path = native.disabled() if name.endswith("(Python path)") else contextlib.nullcontext()
+        with torch.set_grad_enabled("backward" in name), python_path:
             results.append({"call": name, "host_us": host_us(fn, device, calls), "shape": f"{rows}x{channels}"})
     return results
 

@@ -140,50 +140,84 @@ CUstream current_stream(const at::Tensor& t) {
   return reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
 }
 
+// What the Python path's _launch_forward and _launch_backward do, for a registered plan.
+at::Tensor run_forward(const Plan& plan, const at::Tensor& x_in, const at::Tensor& numerator,
+                       const at::Tensor& denominator) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = plan.dense ? x_in : x_in.contiguous();
+  at::Tensor y = at::empty_like(x, x.options().dtype(plan.out_dtype));
+  plan.forward.launch({&x, &y, &numerator, &denominator}, current_stream(x));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Plan& plan, const at::Tensor& grad_in,
+                                                            const at::Tensor& x_in, const at::Tensor& numerator,
+                                                            const at::Tensor& denominator) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = plan.dense ? x_in : x_in.contiguous();
+  at::Tensor grad = grad_in.scalar_type() == plan.out_dtype ? grad_in : grad_in.to(plan.out_dtype);
+  if (grad.strides() != x.strides() || !aligned(grad)) {  // the layout and alignment the kernel was built for
+    grad = at::empty_like(x, grad.options()).copy_(grad);
+  }
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor d_numerator = at::empty_like(numerator);
+  at::Tensor d_denominator = at::empty_like(denominator);
+  at::Tensor partials = at::empty({plan.partials}, x.options().dtype(at::kDouble));
+  const CUstream stream = current_stream(x);
+  plan.backward.launch({&x, &grad, &dx, &numerator, &denominator, &partials}, stream);
+  plan.reduce.launch({&partials, &numerator, &d_numerator, &denominator, &d_denominator}, stream);
+  return {dx, d_numerator, d_denominator};
+}
+
+// The registered plan of this call, if its tensors are 16-byte aligned (what the kernels were
+// specialised on); else null, and the caller takes the Python path.
+const Plan* find_plan(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator, int64_t dim,
+                      int64_t out_code) {
+  const auto found = plans.find(signature(x, numerator, denominator, dim, out_code));
+  if (found == plans.end() || !aligned(x) || !aligned(numerator) || !aligned(denominator)) return nullptr;
+  return found->second;
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct GroupRationalFunction : public torch::autograd::Function<GroupRationalFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& numerator,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& numerator,
                             const at::Tensor& denominator, int64_t plan_address) {
-    const Plan& plan = *reinterpret_cast<const Plan*>(plan_address);
-    const c10::cuda::CUDAGuard guard(x_in.device());
-    const at::Tensor x = plan.dense ? x_in : x_in.contiguous();
-    at::Tensor y = at::empty_like(x, x.options().dtype(plan.out_dtype));
-    plan.forward.launch({&x, &y, &numerator, &denominator}, current_stream(x));
-    ctx->save_for_backward({x_in, numerator, denominator});
+    ctx->save_for_backward({x, numerator, denominator});
     ctx->saved_data["plan"] = plan_address;
-    return y;
+    return run_forward(*reinterpret_cast<const Plan*>(plan_address), x, numerator, denominator);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Plan& plan = *reinterpret_cast<const Plan*>(ctx->saved_data["plan"].toInt());
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &numerator = saved[1], &denominator = saved[2];
-    const c10::cuda::CUDAGuard guard(saved[0].device());
-    const at::Tensor x = plan.dense ? saved[0] : saved[0].contiguous();
-    at::Tensor grad = grads[0].scalar_type() == plan.out_dtype ? grads[0] : grads[0].to(plan.out_dtype);
-    if (grad.strides() != x.strides() || !aligned(grad)) {  // the layout and alignment the kernel was built for
-      grad = at::empty_like(x, grad.options()).copy_(grad);
-    }
-    at::Tensor dx = at::empty_like(x);
-    at::Tensor d_numerator = at::empty_like(numerator);
-    at::Tensor d_denominator = at::empty_like(denominator);
-    at::Tensor partials = at::empty({plan.partials}, x.options().dtype(at::kDouble));
-    const CUstream stream = current_stream(x);
-    plan.backward.launch({&x, &grad, &dx, &numerator, &denominator, &partials}, stream);
-    plan.reduce.launch({&partials, &numerator, &d_numerator, &denominator, &d_denominator}, stream);
+    auto [dx, d_numerator, d_denominator] = run_backward(plan, grads[0], saved[0], saved[1], saved[2]);
     return {dx, d_numerator, d_denominator, at::Tensor()};
   }
 };
 
-// F(x) with autograd if a plan for this signature is registered and the tensors are 16-byte aligned
-// (what the kernels were specialised on); else None, and the caller takes the Python path.
+// Eager calls: F(x) with autograd (one C++ node), or None without a plan.
 py::object forward(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator, int64_t dim,
                    int64_t out_code) {
-  const auto found = plans.find(signature(x, numerator, denominator, dim, out_code));
-  if (found == plans.end() || !aligned(x) || !aligned(numerator) || !aligned(denominator)) return py::none();
-  return py::cast(GroupRationalFunction::apply(x, numerator, denominator, reinterpret_cast<int64_t>(found->second)));
+  const Plan* plan = find_plan(x, numerator, denominator, dim, out_code);
+  if (plan == nullptr) return py::none();
+  return py::cast(GroupRationalFunction::apply(x, numerator, denominator, reinterpret_cast<int64_t>(plan)));
+}
+
+// The registered operators' CUDA kernels (what compiled graphs call): launches only, or None.
+py::object launch_forward(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator,
+                          int64_t dim, int64_t out_code) {
+  const Plan* plan = find_plan(x, numerator, denominator, dim, out_code);
+  if (plan == nullptr) return py::none();
+  return py::cast(run_forward(*plan, x, numerator, denominator));
+}
+
+py::object launch_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& numerator,
+                           const at::Tensor& denominator, int64_t dim) {
+  const Plan* plan = find_plan(x, numerator, denominator, dim, -1);
+  if (plan == nullptr || grad.scalar_type() != plan->out_dtype) return py::none();
+  return py::cast(run_backward(*plan, grad, x, numerator, denominator));
 }
 
 Kernel to_kernel(const py::tuple& spec) {
@@ -217,7 +251,9 @@ void register_plan(const at::Tensor& x, const at::Tensor& numerator, const at::T
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "F(x) through a registered plan, or None");
+  m.def("forward", &forward, "F(x) with autograd through a registered plan, or None");
+  m.def("launch_forward", &launch_forward, "F(x) through a registered plan (no autograd), or None");
+  m.def("launch_backward", &launch_backward, "(dx, d numerator, d denominator) through a registered plan, or None");
   m.def("register_plan", &register_plan, "register the compiled kernels of one call signature");
   m.def("clear", [] { plans.clear(); }, "forget every plan (kept alive for pending backwards)");
   m.def("plan_count", [] { return plans.size(); });

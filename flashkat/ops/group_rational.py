@@ -901,11 +901,25 @@ def _reference_backward_op(grad_output, x, numerator, denominator, dim, impl):
 
 
 def _cuda_forward_op(x, numerator, denominator, dim, impl, out_dtype):
-    return _launch_forward(x, numerator, denominator, _plan(x, numerator, denominator, dim, out_dtype))
+    launcher = native.module()
+    if launcher is not None:  # a signature seen before: launched from C++
+        y = launcher.launch_forward(x, numerator, denominator, dim, _OUT_CODES.get(out_dtype, -2))
+        if y is not None:
+            return y
+    plan = _plan(x, numerator, denominator, dim, out_dtype)
+    _register_once(launcher, x, numerator, denominator, dim, out_dtype, plan)
+    return _launch_forward(x, numerator, denominator, plan)
 
 
 def _cuda_backward_op(grad_output, x, numerator, denominator, dim, impl):
-    return _cuda_backward(grad_output, x, numerator, denominator, _plan(x, numerator, denominator, dim, None), impl)
+    launcher = native.module() if impl == "flashkat" else None
+    if launcher is not None:
+        grads = launcher.launch_backward(grad_output, x, numerator, denominator, dim)
+        if grads is not None:
+            return grads
+    plan = _plan(x, numerator, denominator, dim, None)
+    _register_once(launcher, x, numerator, denominator, dim, None, plan)
+    return _cuda_backward(grad_output, x, numerator, denominator, plan, impl)
 
 
 # Every device runs the reference, CUDA the Triton kernels (where Triton is installed).
@@ -957,13 +971,16 @@ def group_rational(
         if y is not None:
             return y
     plan = _plan(x, numerator, denominator, dim, out_dtype)  # checks the arguments (once per signature)
-    y = _GroupRational.apply(x, numerator, denominator, dim, impl, out_dtype, plan)
-    if launcher is not None and plan.native is None:
-        plan.native = _register_native(launcher, x, numerator, denominator, dim, out_dtype, plan)
-    return y
+    _register_once(launcher, x, numerator, denominator, dim, out_dtype, plan)
+    return _GroupRational.apply(x, numerator, denominator, dim, impl, out_dtype, plan)
 
 
 _OUT_CODES = {None: -1, torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _register_once(launcher, x, numerator, denominator, dim: int, out_dtype, plan: _Plan) -> None:
+    if launcher is not None and plan.native is None:
+        plan.native = _register_native(launcher, x, numerator, denominator, dim, out_dtype, plan)
 
 
 def _register_native(launcher, x, numerator, denominator, dim: int, out_dtype, plan: _Plan) -> bool | None:

@@ -16,6 +16,7 @@ it off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -59,6 +60,17 @@ def module():
                 warnings.warn(f"flashkat: native launcher unavailable, eager calls use the Python path ({error})",
                               RuntimeWarning, stacklevel=3)  # fmt: skip
     return _module or None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Calls inside take the Python path (to measure or test one path against the other)."""
+    global _module
+    saved, _module = _module, False
+    try:
+        yield
+    finally:
+        _module = saved
 
 
 def kernel_spec(compiled, arg_names: list[str], args: tuple, n_tensors: int, grid: tuple) -> tuple | None:
