@@ -55,12 +55,28 @@ def test_native_source_builds():
     assert module.forward(x, a, b, -1, -1) is None  # no plan for this signature: the caller's Python path
 
 
-def test_disabled_without_cuda_or_when_asked(monkeypatch):
+def test_opt_in_and_only_on_cuda(monkeypatch):
+    monkeypatch.delenv("FLASHKAT_NATIVE", raising=False)
+    assert not native.enabled()
     monkeypatch.setenv("FLASHKAT_NATIVE", "0")
     assert not native.enabled()
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("FLASHKAT_NATIVE", "1")
-        assert not native.enabled()
+    monkeypatch.setenv("FLASHKAT_NATIVE", "1")
+    import triton
+
+    expected = torch.cuda.is_available() and triton.__version__.startswith(native.TRITON_VERSIONS)
+    assert native.enabled() == expected
+
+
+@pytest.fixture
+def native_on(monkeypatch):
+    """The native launcher turned on (FLASHKAT_NATIVE=1) for one test, with fresh plans."""
+    monkeypatch.setenv("FLASHKAT_NATIVE", "1")
+    monkeypatch.setattr(native, "_module", None)  # decide again, with the variable set
+    op._clear_caches()
+    if native.module() is None:
+        pytest.fail("the native launcher did not build on this CUDA machine")
+    yield
+    op._clear_caches()
 
 
 def run_both_paths(x, a, b, dim=-1, out_dtype=None, calls=2):
@@ -88,9 +104,7 @@ CASES = {
 
 @requires_cuda
 @pytest.mark.parametrize("case", list(CASES))
-def test_native_path_gives_the_python_paths_bits(case):
-    if native.module() is None:
-        pytest.fail("the native launcher did not build on this CUDA machine")
+def test_native_path_gives_the_python_paths_bits(case, native_on):
     make, dim, out_dtype = CASES[case]
     x = make()
     a, b = random_coefficients(1, 8, (5, 4))
@@ -107,10 +121,9 @@ def test_native_path_gives_the_python_paths_bits(case):
 
 
 @requires_cuda
-def test_native_path_leaves_unaligned_views_and_other_impls_to_python():
+def test_native_path_leaves_unaligned_views_and_other_impls_to_python(native_on):
     """A signature's first call plans it (Python path); later aligned calls run natively, a view
     4 bytes into its storage (same signature) and other backward implementations do not."""
-    op._clear_caches()
     a, b = random_coefficients(1, 8, (5, 4))
     storage = torch.randn(3 * 16 * 64 + 1, device="cuda")
     aligned, shifted = storage[:-1].view(3, 16, 64), storage[1:].view(3, 16, 64)
@@ -123,7 +136,7 @@ def test_native_path_leaves_unaligned_views_and_other_impls_to_python():
 
 
 @requires_cuda
-def test_native_backward_is_bitwise_deterministic():
+def test_native_backward_is_bitwise_deterministic(native_on):
     x = torch.randn(64, 197, 192, device="cuda", requires_grad=True)
     a, b = (t.requires_grad_() for t in random_coefficients(1, 8, (5, 4)))
     g = torch.randn(64, 197, 192, device="cuda")
@@ -134,10 +147,9 @@ def test_native_backward_is_bitwise_deterministic():
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_operators_give_the_python_paths_bits(dtype):
+def test_native_operators_give_the_python_paths_bits(dtype, native_on):
     """The registered operators (what compiled graphs call) launch from C++ after a signature's
     first call: same bits as the Python path, and as the reference within the usual bounds."""
-    op._clear_caches()
     x = torch.randn(16, 197, 192, device="cuda").to(dtype)
     g = torch.randn_like(x)
     a, b = random_coefficients(1, 8, (5, 4))
@@ -150,3 +162,19 @@ def test_native_operators_give_the_python_paths_bits(dtype):
     for got, want in zip((fast, *fast_grads), (slow, *slow_grads)):
         assert torch.equal(got, want)
     assert rel_l2(fast, reference.forward(x.double(), a.double(), b.double())) < 8e-3
+
+
+@requires_cuda
+def test_native_loop_of_forward_backward_calls_finishes(native_on):
+    """What hung once (``flashkat bench host``'s loop): many forward + backward calls on tiny
+    leaves without synchronising, gradients accumulated by autograd."""
+    leaves = [t.requires_grad_() for t in (torch.randn(64, 192, device="cuda"), *random_coefficients(1, 8, (5, 4)))]
+    g = torch.randn(64, 192, device="cuda")
+    for _ in range(400):
+        for t in leaves:
+            t.grad = None
+        flashkat.group_rational(*leaves).backward(g)
+    torch.cuda.synchronize()
+    assert "GroupRationalFunction" in flashkat.group_rational(*leaves).grad_fn.name()
+    rdx, _, _ = reference.backward(g.double(), *(t.detach().double() for t in leaves))
+    assert rel_l2(leaves[0].grad, rdx) < 2e-6

@@ -197,12 +197,18 @@ struct GroupRationalFunction : public torch::autograd::Function<GroupRationalFun
   }
 };
 
-// Eager calls: F(x) with autograd (one C++ node), or None without a plan.
+// Eager calls: F(x) with autograd (one C++ node), or None without a plan. The lookup holds the
+// GIL (which guards `plans`); like torch's own bindings, the work after it runs without.
 py::object forward(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator, int64_t dim,
                    int64_t out_code) {
   const Plan* plan = find_plan(x, numerator, denominator, dim, out_code);
   if (plan == nullptr) return py::none();
-  return py::cast(GroupRationalFunction::apply(x, numerator, denominator, reinterpret_cast<int64_t>(plan)));
+  at::Tensor y;
+  {
+    const py::gil_scoped_release no_gil;
+    y = GroupRationalFunction::apply(x, numerator, denominator, reinterpret_cast<int64_t>(plan));
+  }
+  return py::cast(y);
 }
 
 // The registered operators' CUDA kernels (what compiled graphs call): launches only, or None.
@@ -210,14 +216,24 @@ py::object launch_forward(const at::Tensor& x, const at::Tensor& numerator, cons
                           int64_t dim, int64_t out_code) {
   const Plan* plan = find_plan(x, numerator, denominator, dim, out_code);
   if (plan == nullptr) return py::none();
-  return py::cast(run_forward(*plan, x, numerator, denominator));
+  at::Tensor y;
+  {
+    const py::gil_scoped_release no_gil;
+    y = run_forward(*plan, x, numerator, denominator);
+  }
+  return py::cast(y);
 }
 
 py::object launch_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& numerator,
                            const at::Tensor& denominator, int64_t dim) {
   const Plan* plan = find_plan(x, numerator, denominator, dim, -1);
   if (plan == nullptr || grad.scalar_type() != plan->out_dtype) return py::none();
-  return py::cast(run_backward(*plan, grad, x, numerator, denominator));
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
+  {
+    const py::gil_scoped_release no_gil;
+    grads = run_backward(*plan, grad, x, numerator, denominator);
+  }
+  return py::cast(grads);
 }
 
 Kernel to_kernel(const py::tuple& spec) {
