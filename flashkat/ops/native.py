@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def build():
     import triton
     from torch.utils.cpp_extension import load
 
+    if shutil.which("ninja") is None:  # the ninja package's binary, where its scripts are not on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     include = Path(triton.__file__).parent / "backends" / "nvidia" / "include"  # cuda.h, as Triton's launcher
     return load(name="flashkat_native", sources=[str(SOURCE)], extra_include_paths=[str(include)],
                 extra_cflags=["-O2"], extra_ldflags=["-lc10_cuda"], verbose=False)  # fmt: skip
