@@ -17,6 +17,11 @@ m+1+n coefficient-gradient terms in registers, reduces them once at its end into
 (group slot, coefficient), and writes them with plain stores; a second, tiny kernel adds those
 partials in a fixed order (in float64). Same inputs and device => bitwise identical gradients.
 
+Launch paths. Eager CUDA calls launch the kernels from Python through per-signature plans
+(``_plan``, ``_launch``), or, with the opt-in native launcher (``flashkat.ops.native``), from C++
+after a signature's first call; compiled graphs call the ``torch.library`` operators, whose CUDA
+kernels take the same two paths. Every path launches the same compiled kernels.
+
 Range. Arithmetic is float32 (float64 for float64 inputs). A program that met any |x| above
 ``_safe_limit(order)`` redoes its elements in float64, a row at a time, so finite inputs up to
 float32's range give finite results wherever the true value is finite; ordinary inputs never take
@@ -720,8 +725,7 @@ def _clear_caches() -> None:
     """Forget configurations, plans and launchers (after changing ``_TUNING`` or ``_INDEX_64_FROM``)."""
     _config.cache_clear()
     _PLANS.clear()
-    if native._module:
-        native._module.clear()
+    native.clear()
 
 
 def _bare_launch(run):

@@ -8,7 +8,7 @@ compiled kernel into the description the C++ side launches: its function handle,
 shared memory, PDL flag and parameter list. ``flashkat.ops.group_rational`` registers one plan per
 call signature after that signature's first call.
 
-Opt-in for now: FLASHKAT_NATIVE=1 turns it on. It gives the Python path's bits (tests) and ran
+Opt-in for now: FLASHKAT_NATIVE=1, set before the first call, turns it on. It gives the Python path's bits (tests) and ran
 every eager and compiled training step measured, but a tight loop of forward + backward calls on
 tiny tensors (``flashkat bench host``) hung twice on an H100 with the first version (which held
 the GIL while allocating and launching; this one releases it, as torch's bindings do), and that is
@@ -68,6 +68,12 @@ def module():
                 warnings.warn(f"flashkat: native launcher unavailable, eager calls use the Python path ({error})",
                               RuntimeWarning, stacklevel=3)  # fmt: skip
     return _module or None
+
+
+def clear() -> None:
+    """Forget every registered plan (the op's plans were rebuilt, e.g. after a tuning change)."""
+    if _module:
+        _module.clear()
 
 
 @contextlib.contextmanager
