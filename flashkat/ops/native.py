@@ -8,11 +8,11 @@ compiled kernel into the description the C++ side launches: its function handle,
 shared memory, PDL flag and parameter list. ``flashkat.ops.group_rational`` registers one plan per
 call signature after that signature's first call.
 
-Opt-in for now: FLASHKAT_NATIVE=1, set before the first call, turns it on. It gives the Python path's bits (tests) and ran
-every eager and compiled training step measured, but a tight loop of forward + backward calls on
-tiny tensors (``flashkat bench host``) hung twice on an H100 with the first version (which held
-the GIL while allocating and launching; this one releases it, as torch's bindings do), and that is
-not yet understood. Only where it is known to hold: CUDA, Triton 3.6 (whose compiled kernels take
+Opt-in for now: FLASHKAT_NATIVE=1, set before the first call, turns it on. It gives the Python
+path's bits (tests) and ran every eager and compiled training step measured, but
+``flashkat bench host``'s loop of forward + backward calls on tiny tensors stopped without output
+(a hang or a crash) twice on an H100 with the first version, which held the GIL while allocating
+and launching (this one releases it, as torch's bindings do); not yet understood. Only where it is known to hold: CUDA, Triton 3.6 (whose compiled kernels take
 every non-constexpr argument and then two scratch pointers), no launch hooks (a profiler's would be
 skipped). Anything else, a failed build included (with one warning), keeps the Python path.
 """
