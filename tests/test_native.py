@@ -3,6 +3,7 @@ same bits as the Python path and the float64 reference."""
 
 import contextlib
 import shutil
+import struct
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,12 @@ import flashkat
 from flashkat import reference
 from flashkat.ops import group_rational as op
 from flashkat.ops import native
-from conftest import check_coefficient_grads, coefficient_gradient_scale, random_coefficients, rel_l2, requires_cuda
+from conftest import (DEVICE, check_coefficient_grads, coefficient_gradient_scale, random_coefficients, rel_l2,
+                      requires_cuda)
+
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="needs a C++ compiler")
 
 
 def fake_compiled(signature: dict, **metadata):
@@ -45,7 +51,7 @@ def test_kernel_spec_refuses_unknown_scalars_and_stray_pointers():
     assert native.kernel_spec(fake_compiled({"x_ptr": "*fp32", "p": "*fp32"}), ["x_ptr", "p"], ("x", 0), 1, (1,)) is None
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
+@needs_compiler
 def test_native_source_builds():
     """The C++ launcher compiles and links against this torch (on any machine with a compiler)."""
     module = native.build()
@@ -77,6 +83,74 @@ def native_on(monkeypatch):
         pytest.fail("the native launcher did not build on this CUDA machine")
     yield
     op._clear_caches()
+
+
+class InterpretedLaunches:
+    """Registers one plan of ``x``'s signature whose launches the C++ side hands back to Python
+    (``set_launch_hook``): each checks its parameter cells against the tensors and scalars the
+    Python path would pass, then runs the kernel (on the CPU: in the Triton interpreter)."""
+
+    def __init__(self, module, x, a, b, dim=-1):
+        self.module, self.calls = module, []
+        plan = op._plan(x, a, b, dim, None)
+        self.kernels = {1: (op._forward_kernel, plan.forward), 2: (op._backward_kernel, plan.backward),
+                        3: (op._reduce_kernel, plan.reduce)}  # fmt: skip
+        counts = {1: 4, 2: 6, 3: 5}  # tensors per launch, in kernel-argument order
+        specs = []
+        for function, (kernel, (grid, scalars, meta)) in self.kernels.items():
+            params = [("t", i, 0.0) for i in range(counts[function])]
+            params += [("i", v, 0.0) if isinstance(v, int) else ("f", 0, float(v)) for v in scalars]
+            specs.append((function, (*grid, 1, 1)[:3], 128, 0, False, params))
+        module.register_plan(x, a, b, dim, -1, x.dtype, plan.dense, plan.partials, *specs)
+
+    def __call__(self, function, grid, tensors, cells):
+        kernel, (plan_grid, scalars, meta) = self.kernels[function]
+        assert grid == (*plan_grid, 1, 1)[:3]
+        assert cells[: len(tensors)] == [t.data_ptr() for t in tensors]
+        for cell, value in zip(cells[len(tensors):], scalars):
+            low = cell & 0xFFFFFFFF
+            if isinstance(value, int):
+                assert low == value & 0xFFFFFFFF
+            else:
+                assert struct.unpack("<f", struct.pack("<I", low))[0] == pytest.approx(value, rel=1e-7)
+        assert cells[len(tensors) + len(scalars):] == [0, 0]  # Triton's two scratch pointers
+        kernel[plan_grid](*tensors, *scalars, **meta)
+        self.calls.append(function)
+
+
+@needs_compiler
+def test_native_autograd_function_with_interpreted_launches():
+    """On any machine: the C++ autograd function, plan lookup, allocations and launch parameters,
+    with the launches run by Python (the Triton interpreter on the CPU): the reference's values, and
+    the Python path's ordering of kernels; a loop of forward + backward calls on leaves finishes."""
+    module = native.build()
+    x = torch.randn(3, 11, 64, device=DEVICE)
+    a, b = random_coefficients(1, 8, (5, 4))
+    launches = InterpretedLaunches(module, x, a, b)
+    module.set_launch_hook(launches)
+    try:
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        g = torch.randn_like(x)
+        for _ in range(3):
+            for t in leaves:
+                t.grad = None
+            y = module.forward(*leaves, -1, -1)
+            assert "GroupRationalFunction" in y.grad_fn.name()
+            y.backward(g)
+        assert launches.calls == [1, 2, 3] * 3
+        assert rel_l2(y.detach(), reference.forward(x.double(), a.double(), b.double())) < 2e-6
+        rdx, rda, rdb = reference.backward(g.double(), x.double(), a.double(), b.double())
+        assert rel_l2(leaves[0].grad, rdx) < 2e-6
+        check_coefficient_grads((leaves[1].grad, leaves[2].grad), (rda, rdb), coefficient_gradient_scale(g, x, a, b),
+                                1e-6)  # fmt: skip
+        dx, da, db = module.launch_backward(g, x, a, b, -1)
+        assert torch.equal(dx, leaves[0].grad) and torch.equal(da, leaves[1].grad) and torch.equal(db, leaves[2].grad)
+        assert torch.equal(module.launch_forward(x, a, b, -1, -1), y.detach())
+        assert module.forward(x, a, b, 2, -1) is None  # another dim: another signature
+        assert module.forward(x.bfloat16(), a, b, -1, -1) is None
+    finally:
+        module.set_launch_hook(None)
+        module.clear()
 
 
 def run_both_paths(x, a, b, dim=-1, out_dtype=None, calls=2):

@@ -14,7 +14,7 @@
 
 #include <torch/extension.h>
 
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
 #include <dlfcn.h>
@@ -42,6 +42,20 @@ LaunchKernelEx launch_kernel_ex() {
 }
 
 constexpr size_t kMaxParams = 30;
+
+// Tests only: a Python function called instead of the driver with (function, grid, tensors, the
+// parameter cells), so that CPU tensors and the Triton interpreter can stand in for a GPU.
+PyObject* launch_hook = nullptr;
+
+void call_launch_hook(uint64_t function, const unsigned* grid, std::initializer_list<const at::Tensor*> tensors,
+                      const uint64_t* cells, size_t n) {
+  const py::gil_scoped_acquire gil;
+  py::list tensor_list, cell_list;
+  for (const at::Tensor* t : tensors) tensor_list.append(py::cast(*t));
+  for (size_t i = 0; i < n; ++i) cell_list.append(cells[i]);
+  const py::handle hook(launch_hook);
+  hook(function, py::make_tuple(grid[0], grid[1], grid[2]), tensor_list, cell_list);
+}
 
 // One kernel parameter: kind 't' is the address of tensor number `integer` of the launch, 'i' an
 // int32, 'l' an int64, 'f' a float32 and 'd' a float64 scalar, fixed by the plan.
@@ -85,6 +99,10 @@ struct Kernel {
     for (int scratch = 0; scratch < 2; ++scratch, ++n) {  // global and profile scratch: none
       cells[n] = 0;
       pointers[n] = &cells[n];
+    }
+    if (launch_hook != nullptr) {
+      call_launch_hook(reinterpret_cast<uint64_t>(function), grid, tensors, cells, n);
+      return;
     }
     CUlaunchAttribute serialization{};
     serialization.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -137,13 +155,14 @@ std::string signature(const at::Tensor& x, const at::Tensor& numerator, const at
 bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 CUstream current_stream(const at::Tensor& t) {
+  if (!t.is_cuda()) return nullptr;  // CPU tensors only reach the launch hook
   return reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
 }
 
 // What the Python path's _launch_forward and _launch_backward do, for a registered plan.
 at::Tensor run_forward(const Plan& plan, const at::Tensor& x_in, const at::Tensor& numerator,
                        const at::Tensor& denominator) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceGuard guard(x_in.device());
   const at::Tensor x = plan.dense ? x_in : x_in.contiguous();
   at::Tensor y = at::empty_like(x, x.options().dtype(plan.out_dtype));
   plan.forward.launch({&x, &y, &numerator, &denominator}, current_stream(x));
@@ -153,7 +172,7 @@ at::Tensor run_forward(const Plan& plan, const at::Tensor& x_in, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Plan& plan, const at::Tensor& grad_in,
                                                             const at::Tensor& x_in, const at::Tensor& numerator,
                                                             const at::Tensor& denominator) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceGuard guard(x_in.device());
   const at::Tensor x = plan.dense ? x_in : x_in.contiguous();
   at::Tensor grad = grad_in.scalar_type() == plan.out_dtype ? grad_in : grad_in.to(plan.out_dtype);
   if (grad.strides() != x.strides() || !aligned(grad)) {  // the layout and alignment the kernel was built for
@@ -273,4 +292,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("register_plan", &register_plan, "register the compiled kernels of one call signature");
   m.def("clear", [] { plans.clear(); }, "forget every plan (kept alive for pending backwards)");
   m.def("plan_count", [] { return plans.size(); });
+  m.def(
+      "set_launch_hook",
+      [](const py::object& hook) {
+        Py_XDECREF(launch_hook);
+        launch_hook = hook.is_none() ? nullptr : hook.inc_ref().ptr();
+      },
+      "tests: call hook(function, grid, tensors, parameter cells) instead of launching (None: launch)");
 }
