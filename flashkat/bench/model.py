@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import flashkat.ops.baselines  # noqa: F401  (registers the "blocked" and "atomic" backwards)
+from flashkat.layers.group_rational import follow_autocast_io
 from flashkat.bench.harness import environment, markdown_table, positive_int, write_results
 
 SIZES = ("tiny", "small", "base")
@@ -88,12 +89,9 @@ class GeluStandin(torch.nn.Module):
         self.follow_autocast = follow_autocast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.follow_autocast and torch.is_autocast_enabled(x.device.type)):
-            return F.gelu(x)
-        dtype = torch.get_autocast_dtype(x.device.type)
-        if torch.compiler.is_compiling():
-            x = x.to(dtype)
-        return F.gelu(x).to(dtype)
+        x, out_dtype = follow_autocast_io(x, self.follow_autocast)
+        y = F.gelu(x)
+        return y if out_dtype is None else y.to(out_dtype)
 
 
 def use_gelu_standins(model: torch.nn.Module) -> int:

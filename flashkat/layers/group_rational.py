@@ -9,6 +9,18 @@ from flashkat.fitting import initial_coefficients
 from flashkat.ops.group_rational import group_rational
 
 
+def follow_autocast_io(x: torch.Tensor, follow_autocast: bool) -> tuple[torch.Tensor, torch.dtype | None]:
+    """(input, output dtype) of a layer with ``follow_autocast`` (see ``GroupRational``): under
+    autocast it stores the autocast dtype, and when compiled also takes its input in it; else
+    (x, None), the input's dtype."""
+    if not (follow_autocast and torch.is_autocast_enabled(x.device.type)):
+        return x, None
+    out_dtype = torch.get_autocast_dtype(x.device.type)
+    if torch.compiler.is_compiling():  # a fused cast: half the bytes written, read and saved
+        x = x.to(out_dtype)
+    return x, out_dtype
+
+
 class GroupRational(nn.Module):
     """Learnable rational activation P(x)/Q(x) with coefficients shared by groups of channels.
 
@@ -56,11 +68,7 @@ class GroupRational(nn.Module):
         self.weight_denominator = nn.Parameter(denominator.repeat(num_groups, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = None
-        if self.follow_autocast and torch.is_autocast_enabled(x.device.type):
-            out_dtype = torch.get_autocast_dtype(x.device.type)
-            if torch.compiler.is_compiling():  # a fused cast: half the bytes written, read and saved
-                x = x.to(out_dtype)
+        x, out_dtype = follow_autocast_io(x, self.follow_autocast)
         return group_rational(x, self.weight_numerator, self.weight_denominator, self.dim, self.impl, out_dtype)
 
     def extra_repr(self) -> str:
