@@ -987,22 +987,19 @@ def _register_once(launcher, x, numerator, denominator, dim: int, out_dtype, pla
         plan.native = _register_native(launcher, x, numerator, denominator, dim, out_dtype, plan)
 
 
-def _register_native(launcher, x, numerator, denominator, dim: int, out_dtype, plan: _Plan) -> bool | None:
+def _register_native(launcher, x, numerator, denominator, dim: int, out_dtype, plan: _Plan) -> bool:
     """Compile the plan's three kernels (for the gradient in ``plan.out_dtype``, as autograd
-    delivers it) and register them with the native launcher; False where it cannot take them,
-    None where this call's tensors are not 16-byte aligned (the next call tries again)."""
+    delivers it) and register them with the native launcher; False where it cannot take them."""
     if plan.empty or not (numerator.is_contiguous() and denominator.is_contiguous()) or _launches_hooked():
         return False
-    dense = x if plan.dense else x.contiguous()  # what the kernels see
-    if any(t.data_ptr() % 16 for t in (dense, numerator, denominator)):
-        return None  # the kernels would be specialised for unaligned addresses
-    y, grad = torch.empty_like(dense, dtype=plan.out_dtype), torch.empty_like(dense, dtype=plan.out_dtype)
-    partials = torch.empty(plan.partials, device=x.device, dtype=torch.float64)
-    launches = ((_forward_kernel, plan.forward, (dense, y, numerator, denominator)),
-                (_backward_kernel, plan.backward, (dense, grad, torch.empty_like(dense), numerator, denominator,
-                                                   partials)),
-                (_reduce_kernel, plan.reduce, (partials, numerator, torch.empty_like(numerator), denominator,
-                                               torch.empty_like(denominator))))  # fmt: skip
+    # Triton specialises a pointer on its dtype and 16-byte alignment only, and warmup launches
+    # nothing: aligned one-element tensors stand for every tensor (the C++ side launches only with
+    # aligned ones, and makes a strided x contiguous as the Python path does)
+    dtypes = (x.dtype, plan.out_dtype, x.dtype, numerator.dtype, denominator.dtype, torch.float64)
+    x1, out, dx, a1, b1, partials = (torch.empty(1, device=x.device, dtype=dtype) for dtype in dtypes)
+    launches = ((_forward_kernel, plan.forward, (x1, out, a1, b1)),
+                (_backward_kernel, plan.backward, (x1, out, dx, a1, b1, partials)),
+                (_reduce_kernel, plan.reduce, (partials, a1, a1, b1, b1)))  # fmt: skip
     specs = []
     for kernel, (grid, scalars, meta), tensors in launches:
         compiled = kernel.warmup(*tensors, *scalars, grid=grid, **meta)  # compiles, launches nothing
