@@ -2,8 +2,12 @@
 same bits as the Python path and the float64 reference."""
 
 import contextlib
+import os
 import shutil
 import struct
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -252,3 +256,40 @@ def test_native_loop_of_forward_backward_calls_finishes(native_on):
     assert "GroupRationalFunction" in flashkat.group_rational(*leaves).grad_fn.name()
     rdx, _, _ = reference.backward(g.double(), *(t.detach().double() for t in leaves))
     assert rel_l2(leaves[0].grad, rdx) < 2e-6
+
+
+FIRST_BACKWARD_IN_C = textwrap.dedent("""
+    import ctypes, sys, torch, flashkat
+    x, g = torch.randn(64, 192, device="cuda"), torch.randn(64, 192, device="cuda")
+    a, b = torch.randn(1, 6, device="cuda"), torch.randn(8, 4, device="cuda")
+    torch.ops.flashkat.group_rational(x, a, b, -1, "flashkat", None)  # registers the signature, no backward
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    y = flashkat.group_rational(*leaves)
+    assert "GroupRationalFunction" in y.grad_fn.name(), y.grad_fn.name()
+    libcuda, context = ctypes.CDLL("libcuda.so.1"), []
+    def record_context(grad):  # runs on autograd's device thread, before the C++ backward
+        current = ctypes.c_void_p()
+        libcuda.cuCtxGetCurrent(ctypes.byref(current))
+        context.append(current.value)
+    y.register_hook(record_context)
+    y.backward(g)
+    torch.cuda.synchronize()
+    print("device thread had a context before the backward:", bool(context[0]))
+    torch.save([x, g, a, b] + [t.grad for t in leaves], sys.argv[1])
+""")
+
+
+@requires_cuda
+def test_native_backward_as_the_first_cuda_work_of_a_thread(tmp_path):
+    """The process's first backward pass runs the C++ backward on an autograd device thread that
+    has launched nothing before (what crashed ``flashkat bench host``): it finishes, with the
+    reference's gradients."""
+    out = tmp_path / "grads.pt"
+    env = dict(os.environ, FLASHKAT_NATIVE="1")
+    run = subprocess.run([sys.executable, "-c", FIRST_BACKWARD_IN_C, str(out)], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    x, g, a, b, dx, da, db = torch.load(out)
+    rdx, rda, rdb = reference.backward(g.double(), x.double(), a.double(), b.double())
+    assert rel_l2(dx, rdx) < 2e-6
+    check_coefficient_grads((da, db), (rda, rdb), coefficient_gradient_scale(g, x, a, b, -1), 1e-6)

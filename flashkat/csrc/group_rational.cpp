@@ -27,18 +27,42 @@
 
 namespace {
 
+// Driver entry points, from the libcuda.so.1 that torch already loaded (no link-time dependency).
+void* driver_symbol(const char* name) {
+  static void* const library = [] {
+    void* handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (handle == nullptr) handle = dlopen("libcuda.so.1", RTLD_NOW);
+    TORCH_CHECK(handle != nullptr, "flashkat native: cannot open libcuda.so.1");
+    return handle;
+  }();
+  void* found = dlsym(library, name);
+  TORCH_CHECK(found != nullptr, "flashkat native: libcuda.so.1 has no ", name);
+  return found;
+}
+
 using LaunchKernelEx = CUresult (*)(const CUlaunchConfig*, CUfunction, void**, void**);
+using CtxGetCurrent = CUresult (*)(CUcontext*);
+using CtxSetCurrent = CUresult (*)(CUcontext);
 
 LaunchKernelEx launch_kernel_ex() {
-  static const LaunchKernelEx function = [] {
-    void* library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
-    if (library == nullptr) library = dlopen("libcuda.so.1", RTLD_NOW);
-    TORCH_CHECK(library != nullptr, "flashkat native: cannot open libcuda.so.1");
-    auto found = reinterpret_cast<LaunchKernelEx>(dlsym(library, "cuLaunchKernelEx"));
-    TORCH_CHECK(found != nullptr, "flashkat native: libcuda.so.1 has no cuLaunchKernelEx");
-    return found;
-  }();
+  static const auto function = reinterpret_cast<LaunchKernelEx>(driver_symbol("cuLaunchKernelEx"));
   return function;
+}
+
+CUcontext current_context() {
+  static const auto get = reinterpret_cast<CtxGetCurrent>(driver_symbol("cuCtxGetCurrent"));
+  CUcontext context = nullptr;
+  TORCH_CHECK(get(&context) == CUDA_SUCCESS, "flashkat native: cuCtxGetCurrent failed");
+  return context;
+}
+
+// A thread that has made no CUDA runtime call has no current context: an autograd device thread
+// whose first work is this backward is such a thread (a launch there crashed `flashkat bench
+// host`, whose first backward pass was native). Make the kernels' context current there.
+void ensure_context(CUcontext context) {
+  if (context == nullptr || current_context() != nullptr) return;
+  static const auto set = reinterpret_cast<CtxSetCurrent>(driver_symbol("cuCtxSetCurrent"));
+  TORCH_CHECK(set(context) == CUDA_SUCCESS, "flashkat native: cuCtxSetCurrent failed");
 }
 
 constexpr size_t kMaxParams = 30;
@@ -128,6 +152,7 @@ struct Plan {
   at::ScalarType out_dtype;
   bool dense;
   int64_t partials;
+  CUcontext context;  // where the kernels were loaded (null for CPU tensors, which only reach the launch hook)
 };
 
 // Plans by call signature. Replaced plans stay alive (in `all_plans`): a pending backward may hold one.
@@ -163,6 +188,7 @@ CUstream current_stream(const at::Tensor& t) {
 at::Tensor run_forward(const Plan& plan, const at::Tensor& x_in, const at::Tensor& numerator,
                        const at::Tensor& denominator) {
   const c10::DeviceGuard guard(x_in.device());
+  ensure_context(plan.context);
   const at::Tensor x = plan.dense ? x_in : x_in.contiguous();
   at::Tensor y = at::empty_like(x, x.options().dtype(plan.out_dtype));
   plan.forward.launch({&x, &y, &numerator, &denominator}, current_stream(x));
@@ -173,6 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Plan& plan, co
                                                             const at::Tensor& x_in, const at::Tensor& numerator,
                                                             const at::Tensor& denominator) {
   const c10::DeviceGuard guard(x_in.device());
+  ensure_context(plan.context);
   const at::Tensor x = plan.dense ? x_in : x_in.contiguous();
   at::Tensor grad = grad_in.scalar_type() == plan.out_dtype ? grad_in : grad_in.to(plan.out_dtype);
   if (grad.strides() != x.strides() || !aligned(grad)) {  // the layout and alignment the kernel was built for
@@ -278,8 +305,10 @@ Kernel to_kernel(const py::tuple& spec) {
 void register_plan(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator, int64_t dim,
                    int64_t out_code, at::ScalarType out_dtype, bool dense, int64_t partials, const py::tuple& forward_spec,
                    const py::tuple& backward_spec, const py::tuple& reduce_spec) {
-  all_plans.push_back(
-      Plan{to_kernel(forward_spec), to_kernel(backward_spec), to_kernel(reduce_spec), out_dtype, dense, partials});
+  const CUcontext context = x.is_cuda() ? current_context() : nullptr;
+  TORCH_CHECK(!x.is_cuda() || context != nullptr, "flashkat native: no current CUDA context at registration");
+  all_plans.push_back(Plan{to_kernel(forward_spec), to_kernel(backward_spec), to_kernel(reduce_spec), out_dtype, dense,
+                           partials, context});
   plans[signature(x, numerator, denominator, dim, out_code)] = &all_plans.back();
 }
 
