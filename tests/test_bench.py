@@ -92,8 +92,8 @@ def test_bench_model(tmp_path, capsys):
 
 
 def test_bench_model_compiles_blocks_or_the_whole_model(tmp_path):
-    args = ["bench", "model", "--sizes", "tiny", "--dtypes", "bf16", "--modes", "compile-model", "--warmup", "1",
-            "--steps", "1", "--output", str(tmp_path), *SMALL_MODEL]  # fmt: skip
+    args = ["bench", "model", "--sizes", "tiny", "--dtypes", "bf16", "--modes", "compile-model", "--impls", "flashkat",
+            "--warmup", "1", "--steps", "1", "--output", str(tmp_path), *SMALL_MODEL]  # fmt: skip
     assert main(args) == 0
     rows = json.loads((tmp_path / "model.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["compile-model", "compile-model"] and all(r["step_ms"] > 0 for r in rows)

@@ -65,16 +65,22 @@ def test_native_source_builds():
     assert module.forward(x, a, b, -1, -1) is None  # no plan for this signature: the caller's Python path
 
 
-def test_opt_in_and_only_on_cuda(monkeypatch):
-    monkeypatch.delenv("FLASHKAT_NATIVE", raising=False)
-    assert not native.enabled()
+def test_on_by_default_only_on_cuda_and_off_with_zero(monkeypatch):
+    import triton
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    expected = torch.cuda.is_available() and triton.__version__.startswith(native.TRITON_VERSIONS)
+    for value in (None, "1"):
+        if value is None:
+            monkeypatch.delenv("FLASHKAT_NATIVE", raising=False)
+        else:
+            monkeypatch.setenv("FLASHKAT_NATIVE", value)
+        assert native.enabled() == expected
     monkeypatch.setenv("FLASHKAT_NATIVE", "0")
     assert not native.enabled()
     monkeypatch.setenv("FLASHKAT_NATIVE", "1")
-    import triton
-
-    expected = torch.cuda.is_available() and triton.__version__.startswith(native.TRITON_VERSIONS)
-    assert native.enabled() == expected
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # interpreted kernels have no compiled function to launch
+    assert not native.enabled()
 
 
 @pytest.fixture
@@ -128,6 +134,7 @@ def test_native_autograd_function_with_interpreted_launches():
     with the launches run by Python (the Triton interpreter on the CPU): the reference's values, and
     the Python path's ordering of kernels; a loop of forward + backward calls on leaves finishes."""
     module = native.build()
+    module.clear()  # on a GPU, earlier tests' plans: only this test's signature may be known
     x = torch.randn(3, 11, 64, device=DEVICE)
     a, b = random_coefficients(1, 8, (5, 4))
     launches = InterpretedLaunches(module, x, a, b)
@@ -289,6 +296,7 @@ def test_native_backward_as_the_first_cuda_work_of_a_thread(tmp_path):
     run = subprocess.run([sys.executable, "-c", FIRST_BACKWARD_IN_C, str(out)], env=env, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
+    print(run.stdout)  # whether the device thread had a context: shown with -s
     x, g, a, b, dx, da, db = torch.load(out)
     rdx, rda, rdb = reference.backward(g.double(), x.double(), a.double(), b.double())
     assert rel_l2(dx, rdx) < 2e-6

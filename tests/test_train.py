@@ -86,8 +86,9 @@ def test_group_functions_cover_every_numerator_denominator_pair():
 
 
 def test_resume_after_stop_is_bitwise_the_uninterrupted_run(tmp_path):
-    """Stop part-way through epoch 2, resume: same weights, EMA and optimizer state as one run."""
-    common = ["--epochs", 2, "--mixup", 0.2, "--ema-decay", 0.9, *QUICK]  # mixup, EMA, drop-path: RNG in use
+    """Stop part-way through epoch 2, resume: same weights, EMA and optimizer state as one run (on
+    the CPU: a GPU's convolution and matmul backward passes need not repeat their bits)."""
+    common = ["--epochs", 2, "--mixup", 0.2, "--ema-decay", 0.9, "--device", "cpu", *QUICK]  # RNG in use
     assert cli("train", "--output", tmp_path / "whole", *common) == 0
     assert cli("train", "--output", tmp_path / "split", "--max-steps", 30, *common) == 0
     stopped = weights(tmp_path / "split" / "last.pth")
@@ -138,9 +139,10 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_ddp_on_gloo_matches_one_process(tmp_path):
-    """2 gloo processes x 32 images == 1 process x 64 images: same weights after 6 steps."""
+    """2 gloo processes x 32 images == 1 process x 64 images: same weights after 6 steps (on the
+    CPU, so that a machine with one GPU runs it too)."""
     common = ["--epochs", 1, "--max-steps", 6, "--batch-size", 64, "--opt", "sgd", "--lr", 0.05,
-              "--drop-path", 0, "--no-progress"]  # fmt: skip
+              "--drop-path", 0, "--no-progress", "--device", "cpu"]  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "flashkat.cli", "train", "--output", str(tmp_path / "ddp"), *map(str, common)]  # fmt: skip
     finished = subprocess.run(torchrun, env=subprocess_env(), capture_output=True, text=True, timeout=300)

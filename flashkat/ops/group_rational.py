@@ -17,10 +17,10 @@ m+1+n coefficient-gradient terms in registers, reduces them once at its end into
 (group slot, coefficient), and writes them with plain stores; a second, tiny kernel adds those
 partials in a fixed order (in float64). Same inputs and device => bitwise identical gradients.
 
-Launch paths. Eager CUDA calls launch the kernels from Python through per-signature plans
-(``_plan``, ``_launch``), or, with the opt-in native launcher (``flashkat.ops.native``), from C++
-after a signature's first call; compiled graphs call the ``torch.library`` operators, whose CUDA
-kernels take the same two paths. Every path launches the same compiled kernels.
+Launch paths. Eager CUDA calls launch the kernels from C++ after a signature's first call where
+the native launcher is available (``flashkat.ops.native``), else from Python through
+per-signature plans (``_plan``, ``_launch``); compiled graphs call the ``torch.library``
+operators, whose CUDA kernels take the same two paths. Every path launches the same compiled kernels.
 
 Range. Arithmetic is float32 (float64 for float64 inputs). A program that met any |x| above
 ``_safe_limit(order)`` redoes its elements in float64, a row at a time, so finite inputs up to

@@ -8,13 +8,10 @@ compiled kernel into the description the C++ side launches: its function handle,
 shared memory, PDL flag and parameter list. ``flashkat.ops.group_rational`` registers one plan per
 call signature after that signature's first call.
 
-Opt-in for now: FLASHKAT_NATIVE=1, set before the first call, turns it on. It gives the Python
-path's bits (tests) and ran every eager and compiled training step measured, but
-``flashkat bench host``'s loop of forward + backward calls on tiny tensors stopped without output
-(a hang or a crash) twice on an H100 with the first version, which held the GIL while allocating
-and launching (this one releases it, as torch's bindings do); not yet understood. Only where it is known to hold: CUDA, Triton 3.6 (whose compiled kernels take
-every non-constexpr argument and then two scratch pointers), no launch hooks (a profiler's would be
-skipped). Anything else, a failed build included (with one warning), keeps the Python path.
+On by default where it is known to hold: CUDA, Triton 3.6 (whose compiled kernels take every
+non-constexpr argument and then two scratch pointers), no launch hooks (a profiler's would be
+skipped). FLASHKAT_NATIVE=0, set before the first call, turns it off. Anything else, a failed
+build included (with one warning), keeps the Python path, which gives the same bits.
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ def enabled() -> bool:
     """Whether this process may use the native launcher (before building it)."""
     import triton
 
-    return (os.environ.get("FLASHKAT_NATIVE") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+    return (os.environ.get("FLASHKAT_NATIVE", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
             and triton.__version__.startswith(TRITON_VERSIONS) and torch.cuda.is_available())  # fmt: skip
 
 
