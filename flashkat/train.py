@@ -537,11 +537,14 @@ def _setup_device(args: argparse.Namespace) -> torch.device:
     from timm.utils.distributed import init_distributed_device_so
 
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if name == "cuda" and local_processes > torch.cuda.device_count():  # one GPU per process
+        raise TrainError(f"{local_processes} processes per node but {torch.cuda.device_count()} visible GPU(s): "
+                         "start at most one process per GPU (torchrun --nproc_per_node), or pass --device cpu")
     try:
         info = init_distributed_device_so(device=name)
     except AssertionError as error:
         raise TrainError(str(error)) from error
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(args.threads or max(1, _cores() // local_processes))
     device = torch.device(info["device"])
     if device.type == "cpu":

@@ -294,3 +294,12 @@ def test_compile_flag_rejects_an_unknown_mode(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli("train", "--compile", "fast")
     assert exit_info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_more_processes_than_gpus_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """torchrun with more processes per node than visible GPUs: one line that says so (instead of
+    a CUDA 'invalid device ordinal' from the second rank), before any process group is joined."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli("train", "--device", "cuda", "--epochs", 1, "--output", tmp_path, *QUICK) == 2
+    assert "2 processes per node but 1 visible GPU(s)" in capsys.readouterr().err
