@@ -1,6 +1,8 @@
 """The group-rational op: Triton kernels (compiled on a GPU, interpreted on the CPU) and the
 torch.library op, against the float64 reference on fresh random inputs."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -409,3 +411,32 @@ def test_tiles_fold_only_columns_of_one_group(dtype, D, groups, inner, fold, wid
         assert config.block_s * config.block_c == (elements if backward else op._TUNING["forward_elements"])
         fits = fold > 1 or (config.uniform_a and config.uniform_b)  # coefficients need few registers
         assert config.capped == (fits and (backward or dtype.itemsize == 2))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("python_path", [False, True])
+def test_tensors_on_a_device_other_than_the_current_one(python_path):
+    """Tensors on cuda:1 while cuda:0 is current (a model moved with .to("cuda:1")): the kernels
+    compile, load and launch for cuda:1, eager and through the operators, and the current device
+    stays cuda:0."""
+    from flashkat.ops import native
+
+    torch.cuda.set_device(0)
+    op._clear_caches()
+    x = torch.randn(4, 197, 192, device="cuda:1", requires_grad=True)
+    a, b = (t.to("cuda:1").requires_grad_() for t in random_coefficients(1, 8, (5, 4)))
+    g = torch.randn_like(x)
+    with native.disabled() if python_path else contextlib.nullcontext():
+        for _ in range(3):  # first call (plans, compiles), then the cached launch paths
+            y = flashkat.group_rational(x, a, b)
+            dx, da, db = torch.autograd.grad(y, (x, a, b), g)
+            ops_y = torch.ops.flashkat.group_rational(x.detach(), a.detach(), b.detach(), -1, "flashkat", None)
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0 and y.device == dx.device == da.device == x.device
+    xd, ad, bd = x.detach().double(), a.detach().double(), b.detach().double()
+    assert rel_l2(y.detach(), reference.forward(xd, ad, bd)) < 2e-6 and torch.equal(ops_y, y.detach())
+    rdx, rda, rdb = reference.backward(g.double(), xd, ad, bd)
+    assert rel_l2(dx, rdx) < 2e-6
+    check_coefficient_grads((da, db), (rda, rdb), coefficient_gradient_scale(g, x.detach(), a.detach(), b.detach()),
+                            1e-6)  # fmt: skip
+    op._clear_caches()

@@ -768,6 +768,12 @@ def _direct_launcher(compiled, grid: tuple, constants: tuple, device_index: int)
     return launch
 
 
+def _off_current_device(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives on a CUDA device other than the current one: Triton compiles, loads and
+    launches for the current device, so such calls run under a device guard."""
+    return t.is_cuda and t.device.index != torch.cuda.current_device()
+
+
 def _launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, meta: dict, plan: _Plan) -> None:
     """``kernel[grid](*tensors, *scalars, **meta)``, fast after the first launch with the same key.
 
@@ -778,6 +784,9 @@ def _launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, meta: dict, pla
     launchers; others take Triton's path every time.
     """
     global _FAST_LAUNCH
+    if _off_current_device(tensors[0]):
+        with torch.cuda.device(tensors[0].device):
+            return _launch(kernel, grid, tensors, scalars, meta, plan)
     aligned = True
     for t in tensors:
         if t.data_ptr() % 16:
@@ -992,6 +1001,9 @@ def _register_native(launcher, x, numerator, denominator, dim: int, out_dtype, p
     delivers it) and register them with the native launcher; False where it cannot take them."""
     if plan.empty or not (numerator.is_contiguous() and denominator.is_contiguous()) or _launches_hooked():
         return False
+    if _off_current_device(x):  # compile and load for x's device (the C++ side launches under its guard)
+        with torch.cuda.device(x.device):
+            return _register_native(launcher, x, numerator, denominator, dim, out_dtype, plan)
     # Triton specialises a pointer on its dtype and 16-byte alignment only, and warmup launches
     # nothing: aligned one-element tensors stand for every tensor (the C++ side launches only with
     # aligned ones, and makes a strided x contiguous as the Python path does)
