@@ -703,8 +703,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         _write_json(output / "args.json", json.loads(json.dumps(vars(args), default=str)))
         log_rows = _log_rows(log_path, start_epoch)
         parameters = sum(p.numel() for p in model.parameters())
+        processes = f"{world} processes (rank 0 on {device})" if world > 1 else f"1 process on {device}"
         print(f"flashkat train: {args.model} ({parameters:,} parameters) on {args.dataset} "
-              f"({len(train_set)} train / {len(val_set)} val images), {world} process(es) on {device}, "
+              f"({len(train_set)} train / {len(val_set)} val images), {processes}, "
               f"global batch {args.batch_size}, {updates_per_epoch} steps/epoch -> {output}",
               file=sys.stderr)  # fmt: skip
 

@@ -147,7 +147,7 @@ def test_ddp_on_gloo_matches_one_process(tmp_path):
                 "-m", "flashkat.cli", "train", "--output", str(tmp_path / "ddp"), *map(str, common)]  # fmt: skip
     finished = subprocess.run(torchrun, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "2 process(es)" in finished.stderr
+    assert "2 processes (rank 0 on cpu)" in finished.stderr
     assert cli("train", "--output", tmp_path / "one", *common) == 0
     ddp, one = weights(tmp_path / "ddp" / "last.pth"), weights(tmp_path / "one" / "last.pth")
     assert ddp["global_step"] == one["global_step"] == 6 and len(ddp["rng"]) == 2
