@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -64,6 +65,25 @@ def test_native_source_builds():
     a, b = random_coefficients(1, 8, (5, 4), device="cpu")
     assert module.forward(x, a, b, -1, -1) is None  # no plan for this signature: the caller's Python path
 
+
+def test_first_build_is_announced_and_later_ones_are_not(monkeypatch, tmp_path, capsys):
+    """The first build on a machine takes ~30-50 s: it says so on stderr; a build folder that
+    already holds the module is quiet. Each source text builds in its own folder."""
+    import torch.utils.cpp_extension
+
+    def fake_load(name, build_directory, **kwargs):  # stands in for the compiler: leaves the module
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+        return SimpleNamespace(built_in=build_directory)
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    first = native.build()
+    assert "building the native launcher" in capsys.readouterr().err
+    assert native.build().built_in == first.built_in and capsys.readouterr().err == ""
+    assert Path(first.built_in).is_relative_to(tmp_path)
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "changed.cpp")
+    native.SOURCE.write_text(native.SOURCE.name)
+    assert native.build().built_in != first.built_in and "building" in capsys.readouterr().err
 
 def test_on_by_default_only_on_cuda_and_off_with_zero(monkeypatch):
     import triton

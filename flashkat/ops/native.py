@@ -3,9 +3,9 @@
 ``flashkat/csrc/group_rational.cpp`` holds an autograd function in C++ that launches the op's
 compiled Triton kernels itself, so an eager call costs about what an ATen op costs on the host
 (docs/BENCHMARKS.md, step 22). This module builds it once per machine with
-``torch.utils.cpp_extension`` (about 30 s, cached under ``~/.cache/torch_extensions``) and turns a
-compiled kernel into the description the C++ side launches: its function handle, grid, threads,
-shared memory, PDL flag and parameter list. ``flashkat.ops.group_rational`` registers one plan per
+``torch.utils.cpp_extension`` (about 30-50 s, announced on stderr; cached, see ``build_directory``)
+and turns a compiled kernel into the description the C++ side launches: its function handle, grid,
+threads, shared memory, PDL flag and parameter list. ``flashkat.ops.group_rational`` registers one plan per
 call signature after that signature's first call.
 
 On by default where it is known to hold: CUDA, Triton 3.6 (whose compiled kernels take every
@@ -17,8 +17,10 @@ build included (with one warning), keeps the Python path, which gives the same b
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -49,8 +51,26 @@ def build():
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     include = Path(triton.__file__).parent / "backends" / "nvidia" / "include"  # cuda.h, as Triton's launcher
+    directory = build_directory()
+    if not any(directory.glob("flashkat_native*.so")):  # the first call on this machine waits for the compiler
+        print("flashkat: building the native launcher of eager CUDA calls, once per machine (~30-50 s; "
+              "FLASHKAT_NATIVE=0 skips it)", file=sys.stderr, flush=True)  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
     return load(name="flashkat_native", sources=[str(SOURCE)], extra_include_paths=[str(include)],
-                extra_cflags=["-O2"], extra_ldflags=["-lc10_cuda"], verbose=False)  # fmt: skip
+                extra_cflags=["-O2"], extra_ldflags=["-lc10_cuda"], build_directory=str(directory),
+                verbose=False)  # fmt: skip
+
+
+def build_directory() -> Path:
+    """Where ``build`` compiles: one folder per source text and torch, Triton and Python version, so
+    a module found there was built from this source (TORCH_EXTENSIONS_DIR moves the root, as it
+    does for torch's own extensions)."""
+    import triton
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    versions = f"{torch.__version__} {triton.__version__} {sys.version}".encode()
+    return Path(root) / "flashkat_native" / hashlib.sha256(SOURCE.read_bytes() + versions).hexdigest()[:16]
 
 
 def module():
