@@ -51,26 +51,26 @@ def build():
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     include = Path(triton.__file__).parent / "backends" / "nvidia" / "include"  # cuda.h, as Triton's launcher
-    directory = build_directory()
+    arguments = dict(name="flashkat_native", sources=[str(SOURCE)], extra_include_paths=[str(include)],
+                     extra_cflags=["-O2"], extra_ldflags=["-lc10_cuda"])  # fmt: skip
+    directory = build_directory(arguments)
     if not any(directory.glob("flashkat_native*.so")):  # the first call on this machine waits for the compiler
         print("flashkat: building the native launcher of eager CUDA calls, once per machine (~30-50 s; "
               "FLASHKAT_NATIVE=0 skips it)", file=sys.stderr, flush=True)  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
-    return load(name="flashkat_native", sources=[str(SOURCE)], extra_include_paths=[str(include)],
-                extra_cflags=["-O2"], extra_ldflags=["-lc10_cuda"], build_directory=str(directory),
-                verbose=False)  # fmt: skip
+    return load(**arguments, build_directory=str(directory), verbose=False)
 
 
-def build_directory() -> Path:
-    """Where ``build`` compiles: one folder per source text and torch, Triton and Python version, so
-    a module found there was built from this source (TORCH_EXTENSIONS_DIR moves the root, as it
-    does for torch's own extensions)."""
+def build_directory(arguments: dict) -> Path:
+    """Where ``build`` compiles with ``arguments``: one folder per source text, arguments and torch,
+    Triton and Python version, so a module found there was built from exactly these
+    (TORCH_EXTENSIONS_DIR moves the root, as it does for torch's own extensions)."""
     import triton
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    versions = f"{torch.__version__} {triton.__version__} {sys.version}".encode()
-    return Path(root) / "flashkat_native" / hashlib.sha256(SOURCE.read_bytes() + versions).hexdigest()[:16]
+    inputs = f"{sorted(arguments.items())} {torch.__version__} {triton.__version__} {sys.version}".encode()
+    return Path(root) / "flashkat_native" / hashlib.sha256(SOURCE.read_bytes() + inputs).hexdigest()[:16]
 
 
 def module():
