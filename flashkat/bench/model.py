@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import flashkat.ops.baselines  # noqa: F401  (registers the "blocked" and "atomic" backwards)
-from flashkat.layers.group_rational import follow_autocast_io
+from flashkat.layers.group_rational import GroupRational, follow_autocast_io
 from flashkat.bench.harness import environment, markdown_table, positive_int, write_results
 
 SIZES = ("tiny", "small", "base")
@@ -72,8 +72,6 @@ def create_model(name: str, device: str, model_args: dict) -> torch.nn.Module:
 
 def set_impl(model: torch.nn.Module, impl: str) -> int:
     """Point every GroupRational of ``model`` at backward ``impl``; returns how many there are."""
-    from flashkat.layers import GroupRational
-
     layers = [m for m in model.modules() if isinstance(m, GroupRational)]
     for layer in layers:
         layer.impl = impl
@@ -96,8 +94,6 @@ class GeluStandin(torch.nn.Module):
 
 def use_gelu_standins(model: torch.nn.Module) -> int:
     """Replace every ``GroupRational`` of ``model`` by a ``GeluStandin``; returns how many."""
-    from flashkat.layers import GroupRational
-
     parents = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, GroupRational)]  # fmt: skip
     for parent, name, child in parents:
@@ -242,7 +238,9 @@ def run(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device == "cuda"
     # On the CPU every implementation runs the reference: one KAT row says it all (and the GELU one).
-    impls = (args.impls or ["flashkat", "blocked"]) if gpu else [CPU_LABEL, *{GELU_LABEL} & set(args.impls or [])]
+    impls = args.impls or ["flashkat", "blocked"]
+    if not gpu:
+        impls = [CPU_LABEL] + ([GELU_LABEL] if GELU_LABEL in impls else [])
     model_args = parse_model_args(args.model_args, device)
     rows = benchmark(
         sizes=args.sizes or (list(SIZES) if gpu else ["tiny"]), impls=impls, dtypes=args.dtypes,
