@@ -14,6 +14,7 @@
 
 #include <torch/extension.h>
 
+#include <ATen/cuda/EmptyTensor.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
@@ -177,6 +178,16 @@ std::string signature(const at::Tensor& x, const at::Tensor& numerator, const at
   return key;
 }
 
+// New tensors (new_like: t's sizes and strides, t dense) straight from the CUDA caching
+// allocator as inductor's generated code allocates: through the dispatcher, empty_like costs a few
+// µs of host time per tensor, and a backward call makes four (docs/BENCHMARKS.md, step 30).
+at::Tensor new_tensor(at::IntArrayRef sizes, at::IntArrayRef strides, at::ScalarType dtype, const at::Tensor& on) {
+  if (!on.is_cuda()) return at::empty_strided(sizes, strides, on.options().dtype(dtype));  // launch-hook tests
+  return at::detail::empty_strided_cuda(sizes, strides, dtype, on.device());
+}
+
+at::Tensor new_like(const at::Tensor& t, at::ScalarType dtype) { return new_tensor(t.sizes(), t.strides(), dtype, t); }
+
 bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 CUstream current_stream(const at::Tensor& t) {
@@ -190,7 +201,7 @@ at::Tensor run_forward(const Plan& plan, const at::Tensor& x_in, const at::Tenso
   const c10::DeviceGuard guard(x_in.device());
   ensure_context(plan.context);
   const at::Tensor x = plan.dense ? x_in : x_in.contiguous();
-  at::Tensor y = at::empty_like(x, x.options().dtype(plan.out_dtype));
+  at::Tensor y = new_like(x, plan.out_dtype);
   plan.forward.launch({&x, &y, &numerator, &denominator}, current_stream(x));
   return y;
 }
@@ -205,10 +216,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Plan& plan, co
   if (grad.strides() != x.strides() || !aligned(grad)) {  // the layout and alignment the kernel was built for
     grad = at::empty_like(x, grad.options()).copy_(grad);
   }
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor d_numerator = at::empty_like(numerator);
-  at::Tensor d_denominator = at::empty_like(denominator);
-  at::Tensor partials = at::empty({plan.partials}, x.options().dtype(at::kDouble));
+  at::Tensor dx = new_like(x, x.scalar_type());
+  at::Tensor d_numerator = new_like(numerator, numerator.scalar_type());
+  at::Tensor d_denominator = new_like(denominator, denominator.scalar_type());
+  at::Tensor partials = new_tensor({plan.partials}, {1}, at::kDouble, x);
   const CUstream stream = current_stream(x);
   plan.backward.launch({&x, &grad, &dx, &numerator, &denominator, &partials}, stream);
   plan.reduce.launch({&partials, &numerator, &d_numerator, &denominator, &d_denominator}, stream);

@@ -52,7 +52,7 @@ def build():
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     include = Path(triton.__file__).parent / "backends" / "nvidia" / "include"  # cuda.h, as Triton's launcher
     arguments = dict(name="flashkat_native", sources=[str(SOURCE)], extra_include_paths=[str(include)],
-                     extra_cflags=["-O2"], extra_ldflags=["-lc10_cuda"])  # fmt: skip
+                     extra_cflags=["-O2"], extra_ldflags=["-lc10_cuda", "-ltorch_cuda"])  # fmt: skip
     directory = build_directory(arguments)
     if not any(directory.glob("flashkat_native*.so")):  # the first call on this machine waits for the compiler
         print("flashkat: building the native launcher of eager CUDA calls, once per machine (~30-50 s; "
