@@ -85,6 +85,7 @@ def test_first_build_is_announced_and_later_ones_are_not(monkeypatch, tmp_path, 
     native.SOURCE.write_text(native.SOURCE.name)
     assert native.build().built_in != first.built_in and "building" in capsys.readouterr().err
 
+
 def test_on_by_default_only_on_cuda_and_off_with_zero(monkeypatch):
     import triton
 
