@@ -1,0 +1,396 @@
+"""LayerNorm followed by the group-rational function, fused: y = F(LayerNorm(x)) over the last dim.
+
+Math: u = (x - mean) * rstd * weight + bias per row (LayerNorm over the D channels, rstd =
+1/sqrt(var + eps)), then y = F(u) = P(u)/Q(u) with the group coefficients of
+``flashkat.ops.group_rational``. Backward: du = dF/du * g (and the coefficient-gradient terms of
+that op, at u), then LayerNorm's backward: d weight = sum du * xhat, d bias = sum du, and
+dx = rstd * (du*w - mean_row(du*w) - xhat * mean_row(du*w * xhat)).
+
+Why fused: in KAT's blocks the first rational (``act1``) follows the LayerNorm ``norm2``. Apart,
+the LayerNorm writes u and ``act1`` reads it; backward, ``act1`` writes du and the LayerNorm's two
+backward kernels read it and x again. Here one kernel reads x and writes y (and two floats per
+row), one reads x and g and writes dx, and a tiny one adds the per-program partial sums: per
+element 28 fewer bytes with float32 activations (eager autocast), 4 fewer under compile, and three
+launches instead of six.
+
+Kernels work on whole rows ([ROWS, BLOCK_D] tiles, BLOCK_D >= D, one column tile), so the row
+statistics never leave the program; each program walks down the rows with a fixed stride. The
+coefficient-gradient terms are summed per program into float64 partials, reduced in a fixed
+order by ``group_rational``'s reduction kernel (deterministic, as there); the weight and bias
+gradients likewise per program (float32 column sums), added in a fixed order.
+
+Range: as ``group_rational``, a program that met any |u| above the op's safe limit redoes its
+rows in float64, so huge LayerNorm weights cannot overflow the float32 rational.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from flashkat import reference
+from flashkat.ops import group_rational as gr
+
+__all__ = ["layer_norm_group_rational", "triton_forward", "triton_backward"]
+
+if gr.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _row_tile(r0, S, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, INDEX_64: tl.constexpr):
+        """Rows r0.. of the tile, their mask, element offsets and element mask."""
+        rows = r0 + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_mask = rows < S
+        if INDEX_64:
+            offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        else:
+            offsets = rows[:, None] * D + cols[None, :]
+        return rows, row_mask, offsets, row_mask[:, None] & (cols < D)[None, :]
+
+    @triton.jit
+    def _normalize(x, col_mask, D, eps):
+        """(xhat, mean, rstd) of each row of x (masked columns hold 0 and stay 0)."""
+        mean = tl.sum(x, axis=1) / D
+        centered = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
+        return centered * rstd[:, None], mean, rstd
+
+    @triton.jit
+    def _affine(ptr, cols, col_mask, COMPUTE: tl.constexpr):
+        return tl.load(ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)[None, :]
+
+    @triton.jit
+    def _forward_kernel(
+        x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+        S, D, cpg_a, cpg_b, eps, safe_limit,
+        M: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, UNIFORM_A: tl.constexpr,
+        COMPUTE: tl.constexpr, FAST: tl.constexpr, INDEX_64: tl.constexpr,
+    ):  # fmt: skip
+        # Traffic per element: x in, y out; per row two floats out (mean, rstd, for the backward).
+        cols = tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        w, bias = _affine(w_ptr, cols, col_mask, COMPUTE), _affine(bias_ptr, cols, col_mask, COMPUTE)
+        a = gr._load_coefficients(a_ptr, 0 if UNIFORM_A else cols // cpg_a, col_mask, M + 1, False, COMPUTE,
+                                  UNIFORM_A)  # fmt: skip
+        b = gr._load_coefficients(b_ptr, cols // cpg_b, col_mask, N, True, COMPUTE, False)
+        largest = tl.zeros((ROWS, BLOCK_D), dtype=COMPUTE)
+        for r0 in range(tl.program_id(0) * ROWS, S, tl.num_programs(0) * ROWS):
+            rows, row_mask, offsets, mask = _row_tile(r0, S, D, ROWS, BLOCK_D, INDEX_64)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            xhat, mean, rstd = _normalize(x, col_mask, D, eps)
+            u = xhat * w + bias
+            largest = tl.maximum(largest, tl.abs(u))
+            tl.store(y_ptr + offsets, gr._rational_value(u, a, b, M, N, y_ptr.dtype.element_ty, FAST), mask=mask)
+            tl.store(mean_ptr + rows, mean, mask=row_mask)
+            tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+        if tl.max(largest) > safe_limit:  # rare: this program's rows again, in float64
+            tl.debug_barrier()
+            w64, bias64 = _affine(w_ptr, cols, col_mask, tl.float64), _affine(bias_ptr, cols, col_mask, tl.float64)
+            a64 = gr._load_coefficients(a_ptr, 0 if UNIFORM_A else cols // cpg_a, col_mask, M + 1, False, tl.float64,
+                                        UNIFORM_A)  # fmt: skip
+            b64 = gr._load_coefficients(b_ptr, cols // cpg_b, col_mask, N, True, tl.float64, False)
+            for r0 in range(tl.program_id(0) * ROWS, S, tl.num_programs(0) * ROWS):
+                for row in range(r0, tl.minimum(r0 + ROWS, S)):
+                    _, _, offsets, mask = _row_tile(row, S, D, 1, BLOCK_D, INDEX_64)
+                    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                    xhat, _, _ = _normalize(x, col_mask, D, eps)
+                    y = gr._rational_value(xhat * w64 + bias64, a64, b64, M, N, y_ptr.dtype.element_ty, False)
+                    tl.store(y_ptr + offsets, y, mask=mask)
+
+    @triton.jit
+    def _backward_rows(x_ptr, g_ptr, dx_ptr, mean_ptr, rstd_ptr, r0, w, bias, a, b, acc, dw, db, largest,
+                       S, D, eps, M: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                       COMPUTE: tl.constexpr, FAST: tl.constexpr, INDEX_64: tl.constexpr,
+                       STATS: tl.constexpr):  # fmt: skip
+        """One tile's dx (stored), with ``acc``, ``dw``, ``db`` and ``largest`` updated. The row
+        statistics are the saved ones (STATS) or recomputed from x (the float64 redo)."""
+        cols = tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        rows, row_mask, offsets, mask = _row_tile(r0, S, D, ROWS, BLOCK_D, INDEX_64)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)  # masked: g = 0, so du and terms are 0
+        if STATS:
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
+            xhat = tl.where(col_mask[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+        else:
+            xhat, _, rstd = _normalize(x, col_mask, D, eps)
+        u = xhat * w + bias
+        du, acc, largest = gr._accumulate_tile(u, g, a, b, acc, largest, M, N, 1, True, COMPUTE, COMPUTE, FAST)
+        dw += du * xhat
+        db += du
+        dxhat = du * w
+        mean_dxhat = tl.sum(dxhat, axis=1) / D
+        mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / D
+        dx = (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        return acc, dw, db, largest
+
+    @triton.jit
+    def _backward_kernel(
+        x_ptr, g_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr, affine_ptr,
+        S, D, cpg_a, cpg_b, eps, safe_limit, offset_b,
+        M: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, UNIFORM_A: tl.constexpr,
+        SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, COMPUTE: tl.constexpr, FAST: tl.constexpr,
+        INDEX_64: tl.constexpr,
+    ):  # fmt: skip
+        # Traffic per element: x and g in, dx out; per row mean and rstd in; per program
+        # O(groups + D) partial sums out.
+        cols = tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        group_a = 0 if UNIFORM_A else cols // cpg_a
+        w, bias = _affine(w_ptr, cols, col_mask, COMPUTE), _affine(bias_ptr, cols, col_mask, COMPUTE)
+        a = gr._load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
+        b = gr._load_coefficients(b_ptr, cols // cpg_b, col_mask, N, True, COMPUTE, False)
+        acc = gr._zero_terms(M, N, ROWS, BLOCK_D, COMPUTE, 1)  # per-element running sums of the terms
+        dw = tl.zeros((ROWS, BLOCK_D), dtype=COMPUTE)
+        db = tl.zeros((ROWS, BLOCK_D), dtype=COMPUTE)
+        largest = tl.zeros((ROWS, BLOCK_D), dtype=COMPUTE)
+        for r0 in range(tl.program_id(0) * ROWS, S, tl.num_programs(0) * ROWS):
+            acc, dw, db, largest = _backward_rows(x_ptr, g_ptr, dx_ptr, mean_ptr, rstd_ptr, r0, w, bias, a, b, acc,
+                                                  dw, db, largest, S, D, eps, M, N, ROWS, BLOCK_D, COMPUTE, FAST,
+                                                  INDEX_64, True)  # fmt: skip
+        sums = gr._sum_terms(acc, M, N, 1, UNIFORM_A, False)
+        dw_sum = tl.sum(dw, axis=0).to(tl.float64)
+        db_sum = tl.sum(db, axis=0).to(tl.float64)
+        if tl.max(largest) > safe_limit:  # rare: this program's rows again, in float64
+            tl.debug_barrier()
+            w64, bias64 = _affine(w_ptr, cols, col_mask, tl.float64), _affine(bias_ptr, cols, col_mask, tl.float64)
+            a64 = gr._load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
+            b64 = gr._load_coefficients(b_ptr, cols // cpg_b, col_mask, N, True, tl.float64, False)
+            acc64 = gr._zero_terms(M, N, 1, BLOCK_D, tl.float64, 1)
+            dw64 = tl.zeros((1, BLOCK_D), dtype=tl.float64)
+            db64 = tl.zeros((1, BLOCK_D), dtype=tl.float64)
+            unused = tl.zeros((1, BLOCK_D), dtype=tl.float64)
+            for r0 in range(tl.program_id(0) * ROWS, S, tl.num_programs(0) * ROWS):
+                for row in range(r0, tl.minimum(r0 + ROWS, S)):
+                    acc64, dw64, db64, unused = _backward_rows(x_ptr, g_ptr, dx_ptr, mean_ptr, rstd_ptr, row, w64,
+                                                               bias64, a64, b64, acc64, dw64, db64, unused, S, D, eps,
+                                                               M, N, 1, BLOCK_D, tl.float64, False, INDEX_64,
+                                                               False)  # fmt: skip
+            sums = gr._sum_terms(acc64, M, N, 1, UNIFORM_A, False)
+            dw_sum = tl.sum(dw64, axis=0)
+            db_sum = tl.sum(db64, axis=0)
+        program = tl.program_id(0)
+        gr._store_partials(partial_ptr, sums, col_mask, group_a, 0, program, 0, M + 1, SLOTS_A, UNIFORM_A)
+        if N > 0:  # B's partials follow A's in the same buffer
+            gr._store_partials(partial_ptr + offset_b, sums, col_mask, cols // cpg_b, 0, program, M + 1, N, SLOTS_B,
+                               False)  # fmt: skip
+        # d weight and d bias: row program of a [programs, 2, D] float32 buffer
+        tl.store(affine_ptr + (program * 2) * D + cols, dw_sum.to(tl.float32), mask=col_mask)
+        tl.store(affine_ptr + (program * 2 + 1) * D + cols, db_sum.to(tl.float32), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration and launchers
+# ----------------------------------------------------------------------------------------------
+
+_TUNING = dict(forward_elements=1024, backward_elements=512, waves=4)
+
+
+@functools.lru_cache(maxsize=512)
+def _config(S: int, D: int, dtype: torch.dtype, m: int, n: int, groups_a: int, groups_b: int, device_index: int):
+    """(forward, backward, reduce) launch arguments of one signature: grid, scalars, constexprs."""
+    block_d = gr._next_pow2(D)
+    cpg_a, cpg_b = D // groups_a, D // groups_b
+    uniform_a = groups_a == 1
+    slots_a = 1 if uniform_a else gr._group_slots(block_d, cpg_a)
+    slots_b = gr._group_slots(block_d, cpg_b)
+    compute = tl.float64 if dtype == torch.float64 else tl.float32
+    fast = device_index >= 0 and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+    safe_limit = float("inf") if dtype == torch.float64 else gr._safe_limit(m, n)
+    index_64 = S * D >= gr._INDEX_64_FROM
+    launches = []
+    for elements in (_TUNING["forward_elements"], _TUNING["backward_elements"]):
+        rows = max(elements // block_d, 1)
+        warps = min(max(rows * block_d // 256, 4), 16)  # ~8 (forward) or ~4 (backward) elements per thread
+        programs = max(min(gr._programs_per_wave(device_index) * _TUNING["waves"], triton.cdiv(S, rows)), 1)
+        launches.append((rows, warps, programs))
+    common = dict(M=m, N=n, BLOCK_D=block_d, UNIFORM_A=uniform_a, COMPUTE=compute, FAST=fast, INDEX_64=index_64)
+    (f_rows, f_warps, f_programs), (b_rows, b_warps, b_programs) = launches
+    forward = ((f_programs,), (S, D, cpg_a, cpg_b), dict(ROWS=f_rows, num_warps=f_warps, **common), safe_limit)
+    offset_b = b_programs * slots_a * (m + 1)
+    partials = offset_b + max(b_programs * slots_b * n, 1)
+    backward = ((b_programs,), (S, D, cpg_a, cpg_b), dict(ROWS=b_rows, SLOTS_A=slots_a, SLOTS_B=slots_b,
+                num_warps=b_warps, **common), safe_limit, offset_b, partials)  # fmt: skip
+    reduce = ((groups_a + (groups_b if n > 0 else 0),), (offset_b, groups_a, b_programs, 1, cpg_a, cpg_b),
+              dict(M=m, N=n, MP=gr._next_pow2(m + 1), NP=gr._next_pow2(max(n, 1)), SLOTS_A=slots_a, SLOTS_B=slots_b,
+                   BLOCK_C=block_d, BLOCK_P=gr._TUNING["reduce_rows"], PDL=False,
+                   num_warps=gr._TUNING["reduce_warps"]))  # fmt: skip
+    return forward, backward, reduce, b_programs
+
+
+def _check_args(x, weight, bias, numerator, denominator, eps, out_dtype) -> None:
+    reference.check_args(x, numerator, denominator, -1)
+    D = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (D,):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"layer_norm_group_rational: {name} must have shape ({D},) (x's last dim), got {shape}")
+        if t.device != x.device:
+            raise ValueError(f"layer_norm_group_rational: {name} is on {t.device}, x on {x.device}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"layer_norm_group_rational: eps must be a positive number, got {eps!r}")
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise TypeError(f"layer_norm_group_rational: out_dtype must be a floating-point dtype, got {out_dtype}")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous (S, D) matrix (a view where it already is one)."""
+    return x.contiguous().view(-1, x.shape[-1]) if x.dim() != 2 or not x.is_contiguous() else x
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current device: a guard for tensors on another one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def triton_forward(x, weight, bias, numerator, denominator, eps: float = 1e-6, out_dtype=None):
+    """(y, mean, rstd) by the Triton kernel: y = F(LayerNorm(x)) in ``out_dtype`` (default x's),
+    the row statistics (flattened leading dims) in float32 (float64 for float64 x)."""
+    _check_args(x, weight, bias, numerator, denominator, eps, out_dtype)
+    rows = _rows(x)
+    S, D = rows.shape
+    y = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
+    mean = torch.empty(S, device=x.device, dtype=_stats_dtype(x))
+    rstd = torch.empty_like(mean)
+    if S == 0 or D == 0:
+        return y, mean, rstd
+    forward, _, _, _ = _config(S, D, x.dtype, numerator.shape[1] - 1, denominator.shape[1], numerator.shape[0],
+                               denominator.shape[0], gr._device_index(x))  # fmt: skip
+    grid, scalars, meta, safe_limit = forward
+    with _device_of(x):
+        _forward_kernel[grid](rows, weight.contiguous(), bias.contiguous(), numerator.contiguous(),
+                              denominator.contiguous(), y, mean, rstd, *scalars, float(eps), safe_limit, **meta)  # fmt: skip
+    return y, mean, rstd
+
+
+def triton_backward(grad_output, x, weight, bias, numerator, denominator, mean, rstd, eps: float = 1e-6):
+    """(dx, d weight, d bias, d numerator, d denominator) by the Triton kernels, deterministically;
+    ``mean`` and ``rstd`` are ``triton_forward``'s."""
+    _check_args(x, weight, bias, numerator, denominator, eps, None)
+    if not isinstance(grad_output, torch.Tensor) or grad_output.shape != x.shape:
+        shape = tuple(grad_output.shape) if isinstance(grad_output, torch.Tensor) else type(grad_output).__name__
+        raise ValueError(f"layer_norm_group_rational: grad_output shape {shape} != x shape {tuple(x.shape)}")
+    rows, g = _rows(x), _rows(grad_output)
+    S, D = rows.shape
+    weight, bias = weight.contiguous(), bias.contiguous()
+    numerator, denominator = numerator.contiguous(), denominator.contiguous()
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    da, db = torch.empty_like(numerator), torch.empty_like(denominator)
+    if S == 0 or D == 0:
+        return dx, torch.zeros_like(weight), torch.zeros_like(bias), da.zero_(), db.zero_()
+    _, backward, reduce, programs = _config(S, D, x.dtype, numerator.shape[1] - 1, denominator.shape[1],
+                                            numerator.shape[0], denominator.shape[0], gr._device_index(x))  # fmt: skip
+    grid, scalars, meta, safe_limit, offset_b, size = backward
+    partials = torch.empty(size, device=x.device, dtype=torch.float64)
+    affine = torch.empty(programs, 2, D, device=x.device, dtype=torch.float32)
+    with _device_of(x):
+        _backward_kernel[grid](rows, g, weight, bias, numerator, denominator, mean, rstd, dx, partials, affine,
+                               *scalars, float(eps), safe_limit, offset_b, **meta)  # fmt: skip
+        grid, scalars, meta = reduce
+        gr._reduce_kernel[grid](partials, numerator, da, denominator, db, *scalars, **meta)
+    d_affine = affine.sum(0)  # fixed shape, no atomics: the same order every call
+    return dx, d_affine[0].to(weight.dtype), d_affine[1].to(bias.dtype), da, db
+
+
+# ----------------------------------------------------------------------------------------------
+# The float64 reference (every device without Triton kernels), operators and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference(x, weight, bias, numerator, denominator, eps):
+    u = F.layer_norm(x.double(), (x.shape[-1],), weight.double(), bias.double(), eps)
+    return reference.group_rational(u, numerator.double(), denominator.double(), -1)
+
+
+def _reference_forward_op(x, weight, bias, numerator, denominator, eps, out_dtype):
+    xd = x.double()
+    var, mean = torch.var_mean(xd.reshape(-1, x.shape[-1]), dim=-1, unbiased=False)
+    y = _reference(x, weight, bias, numerator, denominator, eps).to(out_dtype or x.dtype)
+    stats = _stats_dtype(x)
+    return y, mean.to(stats), (var + eps).rsqrt().to(stats)
+
+
+def _reference_backward_op(grad_output, x, weight, bias, numerator, denominator, mean, rstd, eps):
+    inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias, numerator, denominator)]
+    with torch.enable_grad():
+        y = _reference(*inputs, eps)
+        grads = torch.autograd.grad(y, inputs, grad_output.double())
+    return tuple(grad.to(t.dtype) for grad, t in zip(grads, (x, weight, bias, numerator, denominator)))
+
+
+_LIB = torch.library.Library("flashkat", "FRAGMENT")
+_LIB.define("layer_norm_group_rational(Tensor x, Tensor weight, Tensor bias, Tensor numerator, Tensor denominator, "
+            "float eps, ScalarType? out_dtype) -> (Tensor, Tensor, Tensor)")  # fmt: skip
+_LIB.define("layer_norm_group_rational_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor bias, "
+            "Tensor numerator, Tensor denominator, Tensor mean, Tensor rstd, float eps) "
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")  # fmt: skip
+_LIB.impl("layer_norm_group_rational", _reference_forward_op, "CompositeExplicitAutograd")
+_LIB.impl("layer_norm_group_rational_backward", _reference_backward_op, "CompositeExplicitAutograd")
+if gr.HAS_TRITON:
+    _LIB.impl("layer_norm_group_rational", triton_forward, "CUDA")
+    _LIB.impl("layer_norm_group_rational_backward", triton_backward, "CUDA")
+
+
+@torch.library.register_fake("flashkat::layer_norm_group_rational", lib=_LIB)
+def _(x, weight, bias, numerator, denominator, eps, out_dtype):
+    rows = math.prod(x.shape[:-1])
+    mean = x.new_empty(rows, dtype=_stats_dtype(x))
+    return torch.empty_like(x, dtype=out_dtype or x.dtype), mean, torch.empty_like(mean)
+
+
+@torch.library.register_fake("flashkat::layer_norm_group_rational_backward", lib=_LIB)
+def _(grad_output, x, weight, bias, numerator, denominator, mean, rstd, eps):
+    return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(numerator),
+            torch.empty_like(denominator))  # fmt: skip
+
+
+class _LayerNormGroupRational(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, numerator, denominator, eps, out_dtype):
+        y, mean, rstd = torch.ops.flashkat.layer_norm_group_rational(x, weight, bias, numerator, denominator, eps,
+                                                                     out_dtype)  # fmt: skip
+        ctx.save_for_backward(x, weight, bias, numerator, denominator, mean, rstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = torch.ops.flashkat.layer_norm_group_rational_backward(grad_output.contiguous(), *ctx.saved_tensors,
+                                                                      ctx.eps)  # fmt: skip
+        return (*grads, None, None)
+
+
+def layer_norm_group_rational(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """F(LayerNorm(x)) over the last dim: ``group_rational(F.layer_norm(x, (D,), weight, bias, eps),
+    numerator, denominator)`` in one pass over memory (see this module's docstring).
+
+    ``weight`` and ``bias`` are the LayerNorm's (D,); ``numerator`` (Gn, m+1) and ``denominator``
+    (Gd, n) as in ``group_rational``. CUDA tensors run the Triton kernels, others the float64
+    reference. Differentiable in all five tensors. The output has x's dtype unless ``out_dtype``
+    names another (a float32 residual stream feeding a bfloat16 matmul under autocast, say).
+    """
+    if not all(isinstance(t, torch.Tensor) for t in (x, weight, bias, numerator, denominator)):
+        reference.check_args(x, numerator, denominator, -1)  # raises the TypeError for x and the coefficients
+    _check_args(x, weight, bias, numerator, denominator, eps, out_dtype)
+    return _LayerNormGroupRational.apply(x, weight, bias, numerator, denominator, float(eps), out_dtype)
