@@ -310,25 +310,32 @@ def triton_backward(grad_output, x, weight, bias, numerator, denominator, mean, 
 # ----------------------------------------------------------------------------------------------
 
 
-def _reference(x, weight, bias, numerator, denominator, eps):
-    u = F.layer_norm(x.double(), (x.shape[-1],), weight.double(), bias.double(), eps)
-    return reference.group_rational(u, numerator.double(), denominator.double(), -1)
+def _normalized(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(xhat, mean, rstd) of x's rows in float64 (biased variance, as LayerNorm)."""
+    var, mean = torch.var_mean(x.double(), dim=-1, unbiased=False, keepdim=True)
+    rstd = (var + eps).rsqrt()
+    return (x.double() - mean) * rstd, mean, rstd
 
 
 def _reference_forward_op(x, weight, bias, numerator, denominator, eps, out_dtype):
-    xd = x.double()
-    var, mean = torch.var_mean(xd.reshape(-1, x.shape[-1]), dim=-1, unbiased=False)
-    y = _reference(x, weight, bias, numerator, denominator, eps).to(out_dtype or x.dtype)
+    xhat, mean, rstd = _normalized(x, eps)
+    y = reference.forward(xhat * weight.double() + bias.double(), numerator, denominator)
     stats = _stats_dtype(x)
-    return y, mean.to(stats), (var + eps).rsqrt().to(stats)
+    return y.to(out_dtype or x.dtype), mean.reshape(-1).to(stats), rstd.reshape(-1).to(stats)
 
 
 def _reference_backward_op(grad_output, x, weight, bias, numerator, denominator, mean, rstd, eps):
-    inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias, numerator, denominator)]
-    with torch.enable_grad():
-        y = _reference(*inputs, eps)
-        grads = torch.autograd.grad(y, inputs, grad_output.double())
-    return tuple(grad.to(t.dtype) for grad, t in zip(grads, (x, weight, bias, numerator, denominator)))
+    """The formulas of this module's docstring in float64 (the operator runs below autograd, so
+    it cannot differentiate the forward)."""
+    xhat, _, rstd64 = _normalized(x, eps)
+    u = xhat * weight.double() + bias.double()
+    du, da, db = reference.backward(grad_output.double(), u, numerator, denominator)
+    rows = (-1, x.shape[-1])
+    d_weight = (du * xhat).reshape(rows).sum(0)
+    d_bias = du.reshape(rows).sum(0)
+    dxhat = du * weight.double()
+    dx = rstd64 * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), d_weight.to(weight.dtype), d_bias.to(bias.dtype), da, db
 
 
 _LIB = torch.library.Library("flashkat", "FRAGMENT")
