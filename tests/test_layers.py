@@ -80,3 +80,28 @@ def test_follow_autocast_under_compile_takes_its_input_in_the_autocast_dtype():
     dx, da, db = reference.backward(g.to(torch.bfloat16).double(), x16, a, b)
     for got, want in ((x.grad, dx), (layer.weight_numerator.grad, da), (layer.weight_denominator.grad, db)):
         assert rel_l2(got.double(), want) < 2e-2
+
+
+def test_a_layer_norm_passed_in_runs_fused_and_others_first():
+    """forward(x, norm) equals forward(norm(x)): fused for a LayerNorm over the channels, applied
+    first for any other module; under autocast a follow_autocast layer stores the autocast dtype."""
+    layer = flashkat.GroupRational(num_groups=8, mode="swish", follow_autocast=True).to(DEVICE)
+    norm = torch.nn.LayerNorm(32, eps=1e-5).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(32))
+        norm.bias.copy_(0.1 * torch.randn(32))
+    x = torch.randn(3, 7, 32, device=DEVICE, requires_grad=True)
+    assert layer._fuses(norm, x) and not layer._fuses(torch.nn.RMSNorm(32).to(DEVICE), x)
+    fused, unfused = layer(x, norm), layer(norm(x))
+    assert rel_l2(fused.detach(), unfused.detach()) < 2e-6
+    g = torch.randn_like(fused)
+    fused_grads = torch.autograd.grad(fused, [x, norm.weight, layer.weight_denominator], g)
+    unfused_grads = torch.autograd.grad(unfused, [x, norm.weight, layer.weight_denominator], g)
+    for a, b in zip(fused_grads, unfused_grads):
+        assert rel_l2(a, b) < 1e-5
+    rms = torch.nn.RMSNorm(32).to(DEVICE)
+    assert torch.equal(layer(x, rms), layer(rms(x)))
+    dtype = torch.bfloat16
+    with torch.autocast(DEVICE, dtype=dtype):
+        y = layer(x, norm)
+    assert y.dtype == dtype and rel_l2(y.detach(), unfused.detach()) < 8e-3

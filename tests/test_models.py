@@ -193,3 +193,23 @@ def test_kat_trains_one_step():
     for name, parameter in model.named_parameters():
         if "weight_denominator" in name and ".act1." in name:  # identity init: B = 0, must still train
             assert parameter.grad.abs().sum() > 0, name
+
+
+def test_fused_norm_blocks_compute_the_same_function():
+    """fuse_norm=True: the same state dict, outputs and gradients as timm's blocks."""
+    from flashkat.models.kat import FusedNormBlock
+
+    plain, fused = small_kat(), small_kat(fuse_norm=True)
+    assert isinstance(fused.blocks[0], FusedNormBlock) and plain.state_dict().keys() == fused.state_dict().keys()
+    state = {k: v * 0.5 if v.dim() > 1 else v for k, v in _randomised(plain).items()}
+    plain.load_state_dict(state)
+    fused.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    out_plain, out_fused = plain(x), fused(x)
+    torch.testing.assert_close(out_fused, out_plain, rtol=1e-4, atol=1e-4)
+    out_plain.square().sum().backward()
+    out_fused.square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):  # float32 against float64 arithmetic
+        assert (q.grad - p.grad).norm() <= 1e-4 * p.grad.norm(), name
+    with pytest.raises(ValueError, match="fuse_norm=True.*block_fn"):
+        small_kat(fuse_norm=True, block_fn=nn.Identity)

@@ -7,6 +7,7 @@ from torch import nn
 
 from flashkat.fitting import initial_coefficients
 from flashkat.ops.group_rational import group_rational
+from flashkat.ops.layer_norm_group_rational import layer_norm_group_rational
 
 
 def follow_autocast_io(x: torch.Tensor, follow_autocast: bool) -> tuple[torch.Tensor, torch.dtype | None]:
@@ -67,9 +68,25 @@ class GroupRational(nn.Module):
         self.weight_numerator = nn.Parameter(numerator.repeat(numerator_groups, 1))
         self.weight_denominator = nn.Parameter(denominator.repeat(num_groups, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """F(x), or F(norm(x)): a LayerNorm ``norm`` over the channels (last dim, with weight and
+        bias) runs fused with F, one pass over memory (``flashkat.ops.layer_norm_group_rational``);
+        any other ``norm`` is applied first. The fused LayerNorm reads x in its own dtype."""
+        if norm is not None:
+            if self._fuses(norm, x):
+                out_dtype = None
+                if self.follow_autocast and torch.is_autocast_enabled(x.device.type):
+                    out_dtype = torch.get_autocast_dtype(x.device.type)
+                return layer_norm_group_rational(x, norm.weight, norm.bias, self.weight_numerator,
+                                                 self.weight_denominator, norm.eps, out_dtype)  # fmt: skip
+            x = norm(x)
         x, out_dtype = follow_autocast_io(x, self.follow_autocast)
         return group_rational(x, self.weight_numerator, self.weight_denominator, self.dim, self.impl, out_dtype)
+
+    def _fuses(self, norm: nn.Module, x: torch.Tensor) -> bool:
+        return (isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+                and tuple(norm.normalized_shape) == (x.shape[-1],) and self.dim in (-1, x.dim() - 1)
+                and self.impl == "flashkat")  # fmt: skip
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.weight_denominator.shape[0]}, numerator_groups={self.weight_numerator.shape[0]}, "

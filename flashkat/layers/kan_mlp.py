@@ -65,8 +65,10 @@ class KANMlp(nn.Module):
         self.norm = norm_layer(hidden_features, **factory) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias[1], **factory)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop1(self.act1(x))
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """The block on x, or on norm(x) with a LayerNorm ``norm`` fused into ``act1`` (see
+        ``GroupRational.forward``): what a transformer block passes to skip the LayerNorm's pass."""
+        x = self.drop1(self.act1(x, norm))
         x = self.fc1(x)
         x = self.drop2(self.act2(x))
         return self.fc2(self.norm(x))

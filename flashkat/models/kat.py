@@ -28,14 +28,14 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, named_apply, register_model
-from timm.models.vision_transformer import VisionTransformer, get_init_weights_vit
+from timm.models.vision_transformer import Block, VisionTransformer, get_init_weights_vit
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from torch import nn
 
 from flashkat.datasets import DIGITS_MEAN, DIGITS_STD
 from flashkat.layers import KANMlp
 
-__all__ = ["Kat", "MODEL_CONFIGS", "KAN_INITS", "checkpoint_filter_fn", "mimetic_attention_init_", "create_kat"]
+__all__ = ["Kat", "FusedNormBlock", "MODEL_CONFIGS", "KAN_INITS", "checkpoint_filter_fn", "mimetic_attention_init_", "create_kat"]
 
 KAN_INITS = ("kan_mimetic", "kan_variance")
 
@@ -55,10 +55,28 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
 _KAT_WEIGHTS = "https://huggingface.co/adamdad/kat_pretained/resolve/main/"
 
 
-class Kat(VisionTransformer):
-    """timm's ``VisionTransformer`` with KAN blocks (``mlp_layer=KANMlp``) and KAT's inits."""
+class FusedNormBlock(Block):
+    """timm's ``Block`` whose ``norm2`` runs fused with the KAN block's ``act1``
+    (``flashkat.ops.layer_norm_group_rational``): the same modules, parameters and state dict."""
 
-    def __init__(self, *args, mlp_layer: type[nn.Module] = KANMlp, weight_init: str = "kan_mimetic", **kwargs) -> None:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *args, **kwargs)))
+        return x + self.drop_path2(self.ls2(self.mlp(x, self.norm2)))
+
+
+class Kat(VisionTransformer):
+    """timm's ``VisionTransformer`` with KAN blocks (``mlp_layer=KANMlp``) and KAT's inits.
+
+    ``fuse_norm=True`` builds ``FusedNormBlock`` blocks: each block's second LayerNorm runs in one
+    kernel with the GR-KAN after it (same function, parameters and checkpoints).
+    """
+
+    def __init__(self, *args, mlp_layer: type[nn.Module] = KANMlp, weight_init: str = "kan_mimetic",
+                 fuse_norm: bool = False, **kwargs) -> None:  # fmt: skip
+        if fuse_norm:
+            if kwargs.get("block_fn", Block) is not Block:
+                raise ValueError("Kat: fuse_norm=True builds its own blocks; it cannot be combined with block_fn")
+            kwargs["block_fn"] = FusedNormBlock
         super().__init__(*args, mlp_layer=mlp_layer, weight_init=weight_init, **kwargs)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
