@@ -192,7 +192,10 @@ if gr.HAS_TRITON:
 # Launch configuration and launchers
 # ----------------------------------------------------------------------------------------------
 
-_TUNING = dict(forward_elements=1024, backward_elements=512, waves=4)
+# Rows per tile and columns per thread (warps = BLOCK_D / 32 / columns, at most 16): per-column
+# coefficients and running sums cost registers per column a thread holds (offline sm_90 compiles,
+# docs/BENCHMARKS.md step 32); programs per SM.
+_TUNING = dict(forward_rows=2, forward_columns=2, backward_rows=1, backward_columns=1, waves=4)
 
 
 @functools.lru_cache(maxsize=512)
@@ -208,9 +211,9 @@ def _config(S: int, D: int, dtype: torch.dtype, m: int, n: int, groups_a: int, g
     safe_limit = float("inf") if dtype == torch.float64 else gr._safe_limit(m, n)
     index_64 = S * D >= gr._INDEX_64_FROM
     launches = []
-    for elements in (_TUNING["forward_elements"], _TUNING["backward_elements"]):
-        rows = max(elements // block_d, 1)
-        warps = min(max(rows * block_d // 256, 4), 16)  # ~8 (forward) or ~4 (backward) elements per thread
+    for kind in ("forward", "backward"):
+        rows = _TUNING[f"{kind}_rows"]
+        warps = min(max(block_d // (32 * _TUNING[f"{kind}_columns"]), 1), 16)
         programs = max(min(gr._programs_per_wave(device_index) * _TUNING["waves"], triton.cdiv(S, rows)), 1)
         launches.append((rows, warps, programs))
     common = dict(M=m, N=n, BLOCK_D=block_d, UNIFORM_A=uniform_a, COMPUTE=compute, FAST=fast, INDEX_64=index_64)
