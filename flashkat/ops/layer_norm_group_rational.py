@@ -304,8 +304,8 @@ def triton_backward(grad_output, x, weight, bias, numerator, denominator, mean, 
                                *scalars, float(eps), safe_limit, offset_b, **meta)  # fmt: skip
         grid, scalars, meta = reduce
         gr._reduce_kernel[grid](partials, numerator, da, denominator, db, *scalars, **meta)
-    d_affine = affine.sum(0)  # fixed shape, no atomics: the same order every call
-    return dx, d_affine[0].to(weight.dtype), d_affine[1].to(bias.dtype), da, db
+    # fixed shapes, no atomics: the same order every call (two sums: the gradients must not alias)
+    return dx, affine[:, 0].sum(0).to(weight.dtype), affine[:, 1].sum(0).to(bias.dtype), da, db
 
 
 # ----------------------------------------------------------------------------------------------
