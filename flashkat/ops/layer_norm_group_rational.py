@@ -55,6 +55,11 @@ if gr.HAS_TRITON:
         return rows, row_mask, offsets, row_mask[:, None] & (cols < D)[None, :]
 
     @triton.jit
+    def _tile_offsets(r0, S, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, INDEX_64: tl.constexpr):
+        rows, row_mask, offsets, mask = _row_tile(r0, S, D, ROWS, BLOCK_D, INDEX_64)
+        return offsets, mask
+
+    @triton.jit
     def _normalize(x, col_mask, D, eps):
         """(xhat, mean, rstd) of each row of x (masked columns hold 0 and stay 0)."""
         mean = tl.sum(x, axis=1) / D
@@ -67,123 +72,141 @@ if gr.HAS_TRITON:
         return tl.load(ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)[None, :]
 
     @triton.jit
+    def _folds(cpg_a, cpg_b, D, BLOCK_D: tl.constexpr, FOLD: tl.constexpr, UNIFORM_A: tl.constexpr):
+        """Each fold's (FOLD adjacent columns of one group, see group_rational's ``_column_parts``)
+        mask and numerator and denominator groups."""
+        folds = tl.arange(0, BLOCK_D // FOLD) * FOLD
+        return folds < D, 0 if UNIFORM_A else folds // cpg_a, folds // cpg_b
+
+    @triton.jit
     def _forward_kernel(
         x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         S, D, cpg_a, cpg_b, eps, safe_limit,
-        M: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, UNIFORM_A: tl.constexpr,
-        COMPUTE: tl.constexpr, FAST: tl.constexpr, INDEX_64: tl.constexpr,
+        M: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, FOLD: tl.constexpr,
+        UNIFORM_A: tl.constexpr, COMPUTE: tl.constexpr, FAST: tl.constexpr, INDEX_64: tl.constexpr,
     ):  # fmt: skip
         # Traffic per element: x in, y out; per row two floats out (mean, rstd, for the backward).
         cols = tl.arange(0, BLOCK_D)
         col_mask = cols < D
+        fold_mask, group_a, group_b = _folds(cpg_a, cpg_b, D, BLOCK_D, FOLD, UNIFORM_A)
         w, bias = _affine(w_ptr, cols, col_mask, COMPUTE), _affine(bias_ptr, cols, col_mask, COMPUTE)
-        a = gr._load_coefficients(a_ptr, 0 if UNIFORM_A else cols // cpg_a, col_mask, M + 1, False, COMPUTE,
-                                  UNIFORM_A)  # fmt: skip
-        b = gr._load_coefficients(b_ptr, cols // cpg_b, col_mask, N, True, COMPUTE, False)
-        largest = tl.zeros((ROWS, BLOCK_D), dtype=COMPUTE)
-        for r0 in range(tl.program_id(0) * ROWS, S, tl.num_programs(0) * ROWS):
+        a = gr._load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, COMPUTE, UNIFORM_A)
+        b = gr._load_coefficients(b_ptr, group_b, fold_mask, N, True, COMPUTE, False)
+        largest = tl.zeros((ROWS, BLOCK_D // FOLD), dtype=COMPUTE)
+        start, step = tl.program_id(0) * ROWS, tl.num_programs(0) * ROWS
+        offsets, mask = _tile_offsets(start, S, D, ROWS, BLOCK_D, INDEX_64)
+        x_ahead = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        for r0 in range(start, S, step):
+            # The next tile is loaded before this one is worked on, so memory latency overlaps work.
+            x = x_ahead.to(COMPUTE)
             rows, row_mask, offsets, mask = _row_tile(r0, S, D, ROWS, BLOCK_D, INDEX_64)
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            next_offsets, next_mask = _tile_offsets(r0 + step, S, D, ROWS, BLOCK_D, INDEX_64)
+            x_ahead = tl.load(x_ptr + next_offsets, mask=next_mask, other=0.0)
             xhat, mean, rstd = _normalize(x, col_mask, D, eps)
-            u = xhat * w + bias
-            largest = tl.maximum(largest, tl.abs(u))
-            tl.store(y_ptr + offsets, gr._rational_value(u, a, b, M, N, y_ptr.dtype.element_ty, FAST), mask=mask)
+            y, largest = gr._rational_tile(xhat * w + bias, a, b, largest, M, N, FOLD, y_ptr.dtype.element_ty,
+                                           COMPUTE, FAST)  # fmt: skip
+            tl.store(y_ptr + offsets, y, mask=mask)
             tl.store(mean_ptr + rows, mean, mask=row_mask)
             tl.store(rstd_ptr + rows, rstd, mask=row_mask)
         if tl.max(largest) > safe_limit:  # rare: this program's rows again, in float64
             tl.debug_barrier()
             w64, bias64 = _affine(w_ptr, cols, col_mask, tl.float64), _affine(bias_ptr, cols, col_mask, tl.float64)
-            a64 = gr._load_coefficients(a_ptr, 0 if UNIFORM_A else cols // cpg_a, col_mask, M + 1, False, tl.float64,
-                                        UNIFORM_A)  # fmt: skip
-            b64 = gr._load_coefficients(b_ptr, cols // cpg_b, col_mask, N, True, tl.float64, False)
-            for r0 in range(tl.program_id(0) * ROWS, S, tl.num_programs(0) * ROWS):
+            a64 = gr._load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, tl.float64, UNIFORM_A)
+            b64 = gr._load_coefficients(b_ptr, group_b, fold_mask, N, True, tl.float64, False)
+            unused = tl.zeros((1, BLOCK_D // FOLD), dtype=tl.float64)
+            for r0 in range(start, S, step):
                 for row in range(r0, tl.minimum(r0 + ROWS, S)):
-                    _, _, offsets, mask = _row_tile(row, S, D, 1, BLOCK_D, INDEX_64)
-                    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-                    xhat, _, _ = _normalize(x, col_mask, D, eps)
-                    y = gr._rational_value(xhat * w64 + bias64, a64, b64, M, N, y_ptr.dtype.element_ty, False)
-                    tl.store(y_ptr + offsets, y, mask=mask)
+                    offsets64, mask64 = _tile_offsets(row, S, D, 1, BLOCK_D, INDEX_64)
+                    x64 = tl.load(x_ptr + offsets64, mask=mask64, other=0.0).to(tl.float64)
+                    xhat64, mean64, rstd64 = _normalize(x64, col_mask, D, eps)
+                    y64, unused = gr._rational_tile(xhat64 * w64 + bias64, a64, b64, unused, M, N, FOLD,
+                                                    y_ptr.dtype.element_ty, tl.float64, False)  # fmt: skip
+                    tl.store(y_ptr + offsets64, y64, mask=mask64)
 
     @triton.jit
-    def _backward_rows(x_ptr, g_ptr, dx_ptr, mean_ptr, rstd_ptr, r0, w, bias, a, b, acc, dw, db, largest,
-                       S, D, eps, M: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                       COMPUTE: tl.constexpr, FAST: tl.constexpr, INDEX_64: tl.constexpr,
-                       STATS: tl.constexpr):  # fmt: skip
-        """One tile's dx (stored), with ``acc``, ``dw``, ``db`` and ``largest`` updated. The row
-        statistics are the saved ones (STATS) or recomputed from x (the float64 redo)."""
-        cols = tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        rows, row_mask, offsets, mask = _row_tile(r0, S, D, ROWS, BLOCK_D, INDEX_64)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)  # masked: g = 0, so du and terms are 0
-        if STATS:
-            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
-            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
-            xhat = tl.where(col_mask[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
-        else:
-            xhat, _, rstd = _normalize(x, col_mask, D, eps)
-        u = xhat * w + bias
-        du, acc, largest = gr._accumulate_tile(u, g, a, b, acc, largest, M, N, 1, True, COMPUTE, COMPUTE, FAST)
+    def _backward_tile(g, xhat, rstd, w, bias, a, b, acc, dw, db, largest, D, M: tl.constexpr, N: tl.constexpr,
+                       FOLD: tl.constexpr, COMPUTE: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+        """dx of one tile of normalized rows ``xhat`` (masked elements: g = 0, so du and every term
+        is 0), with the running sums ``acc`` (FOLD sets, one per column of a fold), ``dw``, ``db``
+        and ``largest`` updated."""
+        du, acc, largest = gr._accumulate_tile(xhat * w + bias, g, a, b, acc, largest, M, N, FOLD, False, COMPUTE,
+                                               COMPUTE, FAST)  # fmt: skip
         dw += du * xhat
         db += du
         dxhat = du * w
         mean_dxhat = tl.sum(dxhat, axis=1) / D
         mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / D
         dx = (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        return acc, dw, db, largest
+        return dx, acc, dw, db, largest
 
     @triton.jit
     def _backward_kernel(
         x_ptr, g_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr, affine_ptr,
         S, D, cpg_a, cpg_b, eps, safe_limit, offset_b,
-        M: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, UNIFORM_A: tl.constexpr,
-        SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, COMPUTE: tl.constexpr, FAST: tl.constexpr,
-        INDEX_64: tl.constexpr,
+        M: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, FOLD: tl.constexpr,
+        UNIFORM_A: tl.constexpr, SLOTS_A: tl.constexpr, SLOTS_B: tl.constexpr, COMPUTE: tl.constexpr,
+        FAST: tl.constexpr, INDEX_64: tl.constexpr,
     ):  # fmt: skip
         # Traffic per element: x and g in, dx out; per row mean and rstd in; per program
         # O(groups + D) partial sums out.
+        DX: tl.constexpr = dx_ptr.dtype.element_ty
         cols = tl.arange(0, BLOCK_D)
         col_mask = cols < D
-        group_a = 0 if UNIFORM_A else cols // cpg_a
+        fold_mask, group_a, group_b = _folds(cpg_a, cpg_b, D, BLOCK_D, FOLD, UNIFORM_A)
         w, bias = _affine(w_ptr, cols, col_mask, COMPUTE), _affine(bias_ptr, cols, col_mask, COMPUTE)
-        a = gr._load_coefficients(a_ptr, group_a, col_mask, M + 1, False, COMPUTE, UNIFORM_A)
-        b = gr._load_coefficients(b_ptr, cols // cpg_b, col_mask, N, True, COMPUTE, False)
-        acc = gr._zero_terms(M, N, ROWS, BLOCK_D, COMPUTE, 1)  # per-element running sums of the terms
+        a = gr._load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, COMPUTE, UNIFORM_A)
+        b = gr._load_coefficients(b_ptr, group_b, fold_mask, N, True, COMPUTE, False)
+        acc = gr._zero_terms(M, N, ROWS, BLOCK_D // FOLD, COMPUTE, FOLD)  # per-element running sums
         dw = tl.zeros((ROWS, BLOCK_D), dtype=COMPUTE)
         db = tl.zeros((ROWS, BLOCK_D), dtype=COMPUTE)
-        largest = tl.zeros((ROWS, BLOCK_D), dtype=COMPUTE)
-        for r0 in range(tl.program_id(0) * ROWS, S, tl.num_programs(0) * ROWS):
-            acc, dw, db, largest = _backward_rows(x_ptr, g_ptr, dx_ptr, mean_ptr, rstd_ptr, r0, w, bias, a, b, acc,
-                                                  dw, db, largest, S, D, eps, M, N, ROWS, BLOCK_D, COMPUTE, FAST,
-                                                  INDEX_64, True)  # fmt: skip
-        sums = gr._sum_terms(acc, M, N, 1, UNIFORM_A, False)
+        largest = tl.zeros((ROWS, BLOCK_D // FOLD), dtype=COMPUTE)
+        start, step = tl.program_id(0) * ROWS, tl.num_programs(0) * ROWS
+        offsets, mask = _tile_offsets(start, S, D, ROWS, BLOCK_D, INDEX_64)
+        x_ahead = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        g_ahead = tl.load(g_ptr + offsets, mask=mask, other=0.0)
+        for r0 in range(start, S, step):
+            # The next tile is loaded before this one is worked on, so memory latency overlaps work.
+            x, g = x_ahead.to(COMPUTE), g_ahead.to(COMPUTE)
+            rows, row_mask, offsets, mask = _row_tile(r0, S, D, ROWS, BLOCK_D, INDEX_64)
+            next_offsets, next_mask = _tile_offsets(r0 + step, S, D, ROWS, BLOCK_D, INDEX_64)
+            x_ahead = tl.load(x_ptr + next_offsets, mask=next_mask, other=0.0)
+            g_ahead = tl.load(g_ptr + next_offsets, mask=next_mask, other=0.0)
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
+            xhat = tl.where(col_mask[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+            dx, acc, dw, db, largest = _backward_tile(g, xhat, rstd, w, bias, a, b, acc, dw, db, largest, D, M, N,
+                                                      FOLD, COMPUTE, FAST)  # fmt: skip
+            tl.store(dx_ptr + offsets, dx.to(DX), mask=mask)
+        sums = gr._sum_terms(acc, M, N, FOLD, UNIFORM_A, False)
         dw_sum = tl.sum(dw, axis=0).to(tl.float64)
         db_sum = tl.sum(db, axis=0).to(tl.float64)
-        if tl.max(largest) > safe_limit:  # rare: this program's rows again, in float64
+        if tl.max(largest) > safe_limit:  # rare: this program's rows again, in float64, a row at a time
             tl.debug_barrier()
             w64, bias64 = _affine(w_ptr, cols, col_mask, tl.float64), _affine(bias_ptr, cols, col_mask, tl.float64)
-            a64 = gr._load_coefficients(a_ptr, group_a, col_mask, M + 1, False, tl.float64, UNIFORM_A)
-            b64 = gr._load_coefficients(b_ptr, cols // cpg_b, col_mask, N, True, tl.float64, False)
-            acc64 = gr._zero_terms(M, N, 1, BLOCK_D, tl.float64, 1)
+            a64 = gr._load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, tl.float64, UNIFORM_A)
+            b64 = gr._load_coefficients(b_ptr, group_b, fold_mask, N, True, tl.float64, False)
+            acc64 = gr._zero_terms(M, N, 1, BLOCK_D // FOLD, tl.float64, FOLD)
             dw64 = tl.zeros((1, BLOCK_D), dtype=tl.float64)
             db64 = tl.zeros((1, BLOCK_D), dtype=tl.float64)
-            unused = tl.zeros((1, BLOCK_D), dtype=tl.float64)
-            for r0 in range(tl.program_id(0) * ROWS, S, tl.num_programs(0) * ROWS):
+            unused = tl.zeros((1, BLOCK_D // FOLD), dtype=tl.float64)
+            for r0 in range(start, S, step):
                 for row in range(r0, tl.minimum(r0 + ROWS, S)):
-                    acc64, dw64, db64, unused = _backward_rows(x_ptr, g_ptr, dx_ptr, mean_ptr, rstd_ptr, row, w64,
-                                                               bias64, a64, b64, acc64, dw64, db64, unused, S, D, eps,
-                                                               M, N, 1, BLOCK_D, tl.float64, False, INDEX_64,
-                                                               False)  # fmt: skip
-            sums = gr._sum_terms(acc64, M, N, 1, UNIFORM_A, False)
+                    offsets64, mask64 = _tile_offsets(row, S, D, 1, BLOCK_D, INDEX_64)
+                    x64 = tl.load(x_ptr + offsets64, mask=mask64, other=0.0).to(tl.float64)
+                    g64 = tl.load(g_ptr + offsets64, mask=mask64, other=0.0).to(tl.float64)
+                    xhat64, mean64, rstd64 = _normalize(x64, col_mask, D, eps)
+                    dx64, acc64, dw64, db64, unused = _backward_tile(g64, xhat64, rstd64, w64, bias64, a64, b64, acc64,
+                                                                     dw64, db64, unused, D, M, N, FOLD, tl.float64,
+                                                                     False)  # fmt: skip
+                    tl.store(dx_ptr + offsets64, dx64.to(DX), mask=mask64)
+            sums = gr._sum_terms(acc64, M, N, FOLD, UNIFORM_A, False)
             dw_sum = tl.sum(dw64, axis=0)
             db_sum = tl.sum(db64, axis=0)
         program = tl.program_id(0)
-        gr._store_partials(partial_ptr, sums, col_mask, group_a, 0, program, 0, M + 1, SLOTS_A, UNIFORM_A)
+        gr._store_partials(partial_ptr, sums, fold_mask, group_a, 0, program, 0, M + 1, SLOTS_A, UNIFORM_A)
         if N > 0:  # B's partials follow A's in the same buffer
-            gr._store_partials(partial_ptr + offset_b, sums, col_mask, cols // cpg_b, 0, program, M + 1, N, SLOTS_B,
-                               False)  # fmt: skip
-        # d weight and d bias: row program of a [programs, 2, D] float32 buffer
+            gr._store_partials(partial_ptr + offset_b, sums, fold_mask, group_b, 0, program, M + 1, N, SLOTS_B, False)
+        # d weight and d bias: row ``program`` of a [programs, 2, D] float32 buffer
         tl.store(affine_ptr + (program * 2) * D + cols, dw_sum.to(tl.float32), mask=col_mask)
         tl.store(affine_ptr + (program * 2 + 1) * D + cols, db_sum.to(tl.float32), mask=col_mask)
 
@@ -192,10 +215,23 @@ if gr.HAS_TRITON:
 # Launch configuration and launchers
 # ----------------------------------------------------------------------------------------------
 
-# Rows per tile and columns per thread (warps = BLOCK_D / 32 / columns, at most 16): per-column
-# coefficients and running sums cost registers per column a thread holds (offline sm_90 compiles,
-# docs/BENCHMARKS.md step 32); programs per SM.
-_TUNING = dict(forward_rows=2, forward_columns=2, backward_rows=1, backward_columns=1, waves=4)
+# Elements per tile and per thread: the forward holds 16 (and as many loaded ahead), the backward 4
+# (each keeps m+1+n running sums per element); programs per SM. From offline sm_90 compiles and one
+# H100 run (docs/BENCHMARKS.md step 32).
+# The backward's register cap leaves its float64 redo (which alone doubles the registers) to spill,
+# and the main loop at 128 without spills.
+_TUNING = dict(forward_elements=2048, forward_per_thread=16, backward_elements=512, backward_per_thread=4,
+               backward_maxnreg=128, waves=4)  # fmt: skip
+
+
+def _fold(D: int, groups_a: int, groups_b: int, per_thread: int) -> int:
+    """Adjacent columns sharing one coefficient set: a thread's 16-byte vector of float32 (at most
+    4), within one group of every per-column set."""
+    fold = min(4, per_thread)
+    for groups in (groups_b,) if groups_a == 1 else (groups_a, groups_b):
+        cpg = D // groups
+        fold = min(fold, cpg & -cpg)
+    return max(fold, 1)
 
 
 @functools.lru_cache(maxsize=512)
@@ -212,17 +248,20 @@ def _config(S: int, D: int, dtype: torch.dtype, m: int, n: int, groups_a: int, g
     index_64 = S * D >= gr._INDEX_64_FROM
     launches = []
     for kind in ("forward", "backward"):
-        rows = _TUNING[f"{kind}_rows"]
-        warps = min(max(block_d // (32 * _TUNING[f"{kind}_columns"]), 1), 16)
+        rows = max(_TUNING[f"{kind}_elements"] // block_d, 1)
+        per_thread = _TUNING[f"{kind}_per_thread"]
+        warps = min(max(rows * block_d // (32 * per_thread), 1), 16)
         programs = max(min(gr._programs_per_wave(device_index) * _TUNING["waves"], triton.cdiv(S, rows)), 1)
-        launches.append((rows, warps, programs))
+        fold = _fold(D, groups_a, groups_b, rows * block_d // (32 * warps))
+        launches.append((rows, warps, programs, fold))
     common = dict(M=m, N=n, BLOCK_D=block_d, UNIFORM_A=uniform_a, COMPUTE=compute, FAST=fast, INDEX_64=index_64)
-    (f_rows, f_warps, f_programs), (b_rows, b_warps, b_programs) = launches
-    forward = ((f_programs,), (S, D, cpg_a, cpg_b), dict(ROWS=f_rows, num_warps=f_warps, **common), safe_limit)
+    (f_rows, f_warps, f_programs, f_fold), (b_rows, b_warps, b_programs, b_fold) = launches
+    forward = ((f_programs,), (S, D, cpg_a, cpg_b), dict(ROWS=f_rows, FOLD=f_fold, num_warps=f_warps, **common),
+               safe_limit)  # fmt: skip
     offset_b = b_programs * slots_a * (m + 1)
     partials = offset_b + max(b_programs * slots_b * n, 1)
-    backward = ((b_programs,), (S, D, cpg_a, cpg_b), dict(ROWS=b_rows, SLOTS_A=slots_a, SLOTS_B=slots_b,
-                num_warps=b_warps, **common), safe_limit, offset_b, partials)  # fmt: skip
+    backward = ((b_programs,), (S, D, cpg_a, cpg_b), dict(ROWS=b_rows, FOLD=b_fold, SLOTS_A=slots_a, SLOTS_B=slots_b,
+                num_warps=b_warps, maxnreg=_TUNING["backward_maxnreg"], **common), safe_limit, offset_b, partials)  # fmt: skip
     reduce = ((groups_a + (groups_b if n > 0 else 0),), (offset_b, groups_a, b_programs, 1, cpg_a, cpg_b),
               dict(M=m, N=n, MP=gr._next_pow2(m + 1), NP=gr._next_pow2(max(n, 1)), SLOTS_A=slots_a, SLOTS_B=slots_b,
                    BLOCK_C=block_d, BLOCK_P=gr._TUNING["reduce_rows"], PDL=False,
