@@ -25,7 +25,6 @@ rows in float64, so huge LayerNorm weights cannot overflow the float32 rational.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -266,7 +265,16 @@ def _config(S: int, D: int, dtype: torch.dtype, m: int, n: int, groups_a: int, g
               dict(M=m, N=n, MP=gr._next_pow2(m + 1), NP=gr._next_pow2(max(n, 1)), SLOTS_A=slots_a, SLOTS_B=slots_b,
                    BLOCK_C=block_d, BLOCK_P=gr._TUNING["reduce_rows"], PDL=False,
                    num_warps=gr._TUNING["reduce_warps"]))  # fmt: skip
-    return forward, backward, reduce, b_programs
+    return _Launches(forward, backward, reduce, b_programs)
+
+
+class _Launches:
+    """One signature's launch arguments, and the direct launchers of its compiled kernels that
+    ``group_rational._launch`` caches (eager calls skip Triton's launch code after the first)."""
+
+    def __init__(self, forward: tuple, backward: tuple, reduce: tuple, programs: int) -> None:
+        self.forward, self.backward, self.reduce, self.programs = forward, backward, reduce, programs
+        self.launchers: dict = {}
 
 
 def _check_args(x, weight, bias, numerator, denominator, eps, out_dtype) -> None:
@@ -289,11 +297,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(-1, x.shape[-1]) if x.dim() != 2 or not x.is_contiguous() else x
 
 
-def _device_of(t: torch.Tensor):
-    """Triton launches on the current device: a guard for tensors on another one."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -309,12 +312,12 @@ def triton_forward(x, weight, bias, numerator, denominator, eps: float = 1e-6, o
     rstd = torch.empty_like(mean)
     if S == 0 or D == 0:
         return y, mean, rstd
-    forward, _, _, _ = _config(S, D, x.dtype, numerator.shape[1] - 1, denominator.shape[1], numerator.shape[0],
-                               denominator.shape[0], gr._device_index(x))  # fmt: skip
-    grid, scalars, meta, safe_limit = forward
-    with _device_of(x):
-        _forward_kernel[grid](rows, weight.contiguous(), bias.contiguous(), numerator.contiguous(),
-                              denominator.contiguous(), y, mean, rstd, *scalars, float(eps), safe_limit, **meta)  # fmt: skip
+    plan = _config(S, D, x.dtype, numerator.shape[1] - 1, denominator.shape[1], numerator.shape[0],
+                   denominator.shape[0], gr._device_index(x))  # fmt: skip
+    grid, scalars, meta, safe_limit = plan.forward
+    tensors = (rows, weight.contiguous(), bias.contiguous(), numerator.contiguous(), denominator.contiguous(), y, mean,
+               rstd)  # fmt: skip
+    gr._launch(_forward_kernel, grid, tensors, (*scalars, float(eps), safe_limit), meta, plan)
     return y, mean, rstd
 
 
@@ -333,16 +336,15 @@ def triton_backward(grad_output, x, weight, bias, numerator, denominator, mean, 
     da, db = torch.empty_like(numerator), torch.empty_like(denominator)
     if S == 0 or D == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(bias), da.zero_(), db.zero_()
-    _, backward, reduce, programs = _config(S, D, x.dtype, numerator.shape[1] - 1, denominator.shape[1],
-                                            numerator.shape[0], denominator.shape[0], gr._device_index(x))  # fmt: skip
-    grid, scalars, meta, safe_limit, offset_b, size = backward
+    plan = _config(S, D, x.dtype, numerator.shape[1] - 1, denominator.shape[1], numerator.shape[0],
+                   denominator.shape[0], gr._device_index(x))  # fmt: skip
+    grid, scalars, meta, safe_limit, offset_b, size = plan.backward
     partials = torch.empty(size, device=x.device, dtype=torch.float64)
-    affine = torch.empty(programs, 2, D, device=x.device, dtype=torch.float32)
-    with _device_of(x):
-        _backward_kernel[grid](rows, g, weight, bias, numerator, denominator, mean, rstd, dx, partials, affine,
-                               *scalars, float(eps), safe_limit, offset_b, **meta)  # fmt: skip
-        grid, scalars, meta = reduce
-        gr._reduce_kernel[grid](partials, numerator, da, denominator, db, *scalars, **meta)
+    affine = torch.empty(plan.programs, 2, D, device=x.device, dtype=torch.float32)
+    tensors = (rows, g, weight, bias, numerator, denominator, mean, rstd, dx, partials, affine)
+    gr._launch(_backward_kernel, grid, tensors, (*scalars, float(eps), safe_limit, offset_b), meta, plan)
+    grid, scalars, meta = plan.reduce
+    gr._launch(gr._reduce_kernel, grid, (partials, numerator, da, denominator, db), scalars, meta, plan)
     # fixed shapes, no atomics: the same order every call (two sums: the gradients must not alias)
     return dx, affine[:, 0].sum(0).to(weight.dtype), affine[:, 1].sum(0).to(bias.dtype), da, db
 
