@@ -16,8 +16,8 @@ launches instead of six.
 Kernels work on whole rows ([ROWS, BLOCK_D] tiles, BLOCK_D >= D, one column tile), so the row
 statistics never leave the program; each program walks down the rows with a fixed stride. The
 coefficient-gradient terms are summed per program into float64 partials, reduced in a fixed
-order by ``group_rational``'s reduction kernel (deterministic, as there); the weight and bias
-gradients likewise per program (float32 column sums), added in a fixed order.
+order (deterministic, as there); the weight and bias gradients likewise per program (float32
+column sums), added in float64 and a fixed order by the same reduction launch.
 
 Range: as ``group_rational``, a program that met any |u| above the op's safe limit redoes its
 rows in float64, so huge LayerNorm weights cannot overflow the float32 rational.
@@ -210,6 +210,37 @@ if gr.HAS_TRITON:
         tl.store(affine_ptr + (program * 2 + 1) * D + cols, db_sum.to(tl.float32), mask=col_mask)
 
 
+    @triton.jit
+    def _reduce_kernel(
+        partial_ptr, a_ptr, da_ptr, b_ptr, db_ptr, affine_ptr, dw_ptr, dbias_ptr,
+        offset_b, groups_a, groups, programs_s, cpg_a, cpg_b, D,
+        M: tl.constexpr, N: tl.constexpr, MP: tl.constexpr, NP: tl.constexpr, SLOTS_A: tl.constexpr,
+        SLOTS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+    ):  # fmt: skip
+        """The first ``groups`` programs add one coefficient group's partials each (``group_rational``'s
+        reduction); the others BLOCK_COLS columns of the weight and bias partials, in float64 and
+        in a fixed order: every gradient the backward kernel left in partial sums, in one launch."""
+        pid = tl.program_id(0)
+        if pid < groups_a:
+            gr._reduce_group(partial_ptr, a_ptr, da_ptr, pid, programs_s, 1, cpg_a, M + 1, MP, SLOTS_A, BLOCK_C,
+                             BLOCK_P, False)  # fmt: skip
+        elif pid < groups:
+            gr._reduce_group(partial_ptr + offset_b, b_ptr, db_ptr, pid - groups_a, programs_s, 1, cpg_b, N, NP,
+                             SLOTS_B, BLOCK_C, BLOCK_P, True)  # fmt: skip
+        else:
+            cols = (pid - groups) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+            col_mask = cols < D
+            for which in tl.static_range(2):  # rows 2p hold program p's d weight, rows 2p+1 its d bias
+                acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float64)
+                for p0 in range(0, programs_s, BLOCK_ROWS):
+                    p = p0 + tl.arange(0, BLOCK_ROWS)
+                    mask = (p < programs_s)[:, None] & col_mask[None, :]
+                    acc += tl.load(affine_ptr + (p * 2 + which)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+                out_ptr = dw_ptr if which == 0 else dbias_ptr
+                tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch configuration and launchers
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +251,7 @@ if gr.HAS_TRITON:
 # The backward's register cap leaves its float64 redo (which alone doubles the registers) to spill,
 # and the main loop at 128 without spills.
 _TUNING = dict(forward_elements=2048, forward_per_thread=16, backward_elements=512, backward_per_thread=4,
-               backward_maxnreg=128, waves=4)  # fmt: skip
+               backward_maxnreg=128, waves=4, reduce_columns=64, reduce_rows=64)  # fmt: skip
 
 
 def _fold(D: int, groups_a: int, groups_b: int, per_thread: int) -> int:
@@ -261,10 +292,12 @@ def _config(S: int, D: int, dtype: torch.dtype, m: int, n: int, groups_a: int, g
     partials = offset_b + max(b_programs * slots_b * n, 1)
     backward = ((b_programs,), (S, D, cpg_a, cpg_b), dict(ROWS=b_rows, FOLD=b_fold, SLOTS_A=slots_a, SLOTS_B=slots_b,
                 num_warps=b_warps, maxnreg=_TUNING["backward_maxnreg"], **common), safe_limit, offset_b, partials)  # fmt: skip
-    reduce = ((groups_a + (groups_b if n > 0 else 0),), (offset_b, groups_a, b_programs, 1, cpg_a, cpg_b),
+    groups = groups_a + (groups_b if n > 0 else 0)
+    column_programs = triton.cdiv(D, _TUNING["reduce_columns"])
+    reduce = ((groups + column_programs,), (offset_b, groups_a, groups, b_programs, cpg_a, cpg_b, D),
               dict(M=m, N=n, MP=gr._next_pow2(m + 1), NP=gr._next_pow2(max(n, 1)), SLOTS_A=slots_a, SLOTS_B=slots_b,
-                   BLOCK_C=block_d, BLOCK_P=gr._TUNING["reduce_rows"], PDL=False,
-                   num_warps=gr._TUNING["reduce_warps"]))  # fmt: skip
+                   BLOCK_C=block_d, BLOCK_P=gr._TUNING["reduce_rows"], BLOCK_COLS=_TUNING["reduce_columns"],
+                   BLOCK_ROWS=_TUNING["reduce_rows"], num_warps=gr._TUNING["reduce_warps"]))  # fmt: skip
     return _Launches(forward, backward, reduce, b_programs)
 
 
@@ -341,12 +374,12 @@ def triton_backward(grad_output, x, weight, bias, numerator, denominator, mean, 
     grid, scalars, meta, safe_limit, offset_b, size = plan.backward
     partials = torch.empty(size, device=x.device, dtype=torch.float64)
     affine = torch.empty(plan.programs, 2, D, device=x.device, dtype=torch.float32)
+    dw, dbias = torch.empty_like(weight), torch.empty_like(bias)
     tensors = (rows, g, weight, bias, numerator, denominator, mean, rstd, dx, partials, affine)
     gr._launch(_backward_kernel, grid, tensors, (*scalars, float(eps), safe_limit, offset_b), meta, plan)
     grid, scalars, meta = plan.reduce
-    gr._launch(gr._reduce_kernel, grid, (partials, numerator, da, denominator, db), scalars, meta, plan)
-    # fixed shapes, no atomics: the same order every call (two sums: the gradients must not alias)
-    return dx, affine[:, 0].sum(0).to(weight.dtype), affine[:, 1].sum(0).to(bias.dtype), da, db
+    gr._launch(_reduce_kernel, grid, (partials, numerator, da, denominator, db, affine, dw, dbias), scalars, meta, plan)
+    return dx, dw, dbias, da, db
 
 
 # ----------------------------------------------------------------------------------------------
