@@ -67,8 +67,17 @@ if gr.HAS_TRITON:
         return centered * rstd[:, None], mean, rstd
 
     @triton.jit
-    def _affine(ptr, cols, col_mask, COMPUTE: tl.constexpr):
-        return tl.load(ptr + cols, mask=col_mask, other=0.0).to(COMPUTE)[None, :]
+    def _parameters(w_ptr, bias_ptr, a_ptr, b_ptr, cpg_a, cpg_b, D, M: tl.constexpr, N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, FOLD: tl.constexpr, UNIFORM_A: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+        """The LayerNorm's weight and bias as [1, BLOCK_D] rows, the rational's coefficients per
+        fold (scalars for a numerator shared by all channels), as DTYPE."""
+        cols = tl.arange(0, BLOCK_D)
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(DTYPE)[None, :]
+        bias = tl.load(bias_ptr + cols, mask=cols < D, other=0.0).to(DTYPE)[None, :]
+        fold_mask, group_a, group_b = _folds(cpg_a, cpg_b, D, BLOCK_D, FOLD, UNIFORM_A)
+        a = gr._load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, DTYPE, UNIFORM_A)
+        b = gr._load_coefficients(b_ptr, group_b, fold_mask, N, True, DTYPE, False)
+        return w, bias, a, b
 
     @triton.jit
     def _folds(cpg_a, cpg_b, D, BLOCK_D: tl.constexpr, FOLD: tl.constexpr, UNIFORM_A: tl.constexpr):
@@ -85,12 +94,9 @@ if gr.HAS_TRITON:
         UNIFORM_A: tl.constexpr, COMPUTE: tl.constexpr, FAST: tl.constexpr, INDEX_64: tl.constexpr,
     ):  # fmt: skip
         # Traffic per element: x in, y out; per row two floats out (mean, rstd, for the backward).
-        cols = tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        fold_mask, group_a, group_b = _folds(cpg_a, cpg_b, D, BLOCK_D, FOLD, UNIFORM_A)
-        w, bias = _affine(w_ptr, cols, col_mask, COMPUTE), _affine(bias_ptr, cols, col_mask, COMPUTE)
-        a = gr._load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, COMPUTE, UNIFORM_A)
-        b = gr._load_coefficients(b_ptr, group_b, fold_mask, N, True, COMPUTE, False)
+        col_mask = tl.arange(0, BLOCK_D) < D
+        w, bias, a, b = _parameters(w_ptr, bias_ptr, a_ptr, b_ptr, cpg_a, cpg_b, D, M, N, BLOCK_D, FOLD, UNIFORM_A,
+                                    COMPUTE)  # fmt: skip
         largest = tl.zeros((ROWS, BLOCK_D // FOLD), dtype=COMPUTE)
         start, step = tl.program_id(0) * ROWS, tl.num_programs(0) * ROWS
         offsets, mask = _tile_offsets(start, S, D, ROWS, BLOCK_D, INDEX_64)
@@ -109,9 +115,8 @@ if gr.HAS_TRITON:
             tl.store(rstd_ptr + rows, rstd, mask=row_mask)
         if tl.max(largest) > safe_limit:  # rare: this program's rows again, in float64
             tl.debug_barrier()
-            w64, bias64 = _affine(w_ptr, cols, col_mask, tl.float64), _affine(bias_ptr, cols, col_mask, tl.float64)
-            a64 = gr._load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, tl.float64, UNIFORM_A)
-            b64 = gr._load_coefficients(b_ptr, group_b, fold_mask, N, True, tl.float64, False)
+            w64, bias64, a64, b64 = _parameters(w_ptr, bias_ptr, a_ptr, b_ptr, cpg_a, cpg_b, D, M, N, BLOCK_D, FOLD,
+                                                UNIFORM_A, tl.float64)  # fmt: skip
             unused = tl.zeros((1, BLOCK_D // FOLD), dtype=tl.float64)
             for r0 in range(start, S, step):
                 for row in range(r0, tl.minimum(r0 + ROWS, S)):
@@ -151,10 +156,8 @@ if gr.HAS_TRITON:
         DX: tl.constexpr = dx_ptr.dtype.element_ty
         cols = tl.arange(0, BLOCK_D)
         col_mask = cols < D
-        fold_mask, group_a, group_b = _folds(cpg_a, cpg_b, D, BLOCK_D, FOLD, UNIFORM_A)
-        w, bias = _affine(w_ptr, cols, col_mask, COMPUTE), _affine(bias_ptr, cols, col_mask, COMPUTE)
-        a = gr._load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, COMPUTE, UNIFORM_A)
-        b = gr._load_coefficients(b_ptr, group_b, fold_mask, N, True, COMPUTE, False)
+        w, bias, a, b = _parameters(w_ptr, bias_ptr, a_ptr, b_ptr, cpg_a, cpg_b, D, M, N, BLOCK_D, FOLD, UNIFORM_A,
+                                    COMPUTE)  # fmt: skip
         acc = gr._zero_terms(M, N, ROWS, BLOCK_D // FOLD, COMPUTE, FOLD)  # per-element running sums
         dw = tl.zeros((ROWS, BLOCK_D), dtype=COMPUTE)
         db = tl.zeros((ROWS, BLOCK_D), dtype=COMPUTE)
@@ -181,9 +184,8 @@ if gr.HAS_TRITON:
         db_sum = tl.sum(db, axis=0).to(tl.float64)
         if tl.max(largest) > safe_limit:  # rare: this program's rows again, in float64, a row at a time
             tl.debug_barrier()
-            w64, bias64 = _affine(w_ptr, cols, col_mask, tl.float64), _affine(bias_ptr, cols, col_mask, tl.float64)
-            a64 = gr._load_coefficients(a_ptr, group_a, fold_mask, M + 1, False, tl.float64, UNIFORM_A)
-            b64 = gr._load_coefficients(b_ptr, group_b, fold_mask, N, True, tl.float64, False)
+            w64, bias64, a64, b64 = _parameters(w_ptr, bias_ptr, a_ptr, b_ptr, cpg_a, cpg_b, D, M, N, BLOCK_D, FOLD,
+                                                UNIFORM_A, tl.float64)  # fmt: skip
             acc64 = gr._zero_terms(M, N, 1, BLOCK_D // FOLD, tl.float64, FOLD)
             dw64 = tl.zeros((1, BLOCK_D), dtype=tl.float64)
             db64 = tl.zeros((1, BLOCK_D), dtype=tl.float64)
@@ -202,6 +204,7 @@ if gr.HAS_TRITON:
             dw_sum = tl.sum(dw64, axis=0)
             db_sum = tl.sum(db64, axis=0)
         program = tl.program_id(0)
+        fold_mask, group_a, group_b = _folds(cpg_a, cpg_b, D, BLOCK_D, FOLD, UNIFORM_A)
         gr._store_partials(partial_ptr, sums, fold_mask, group_a, 0, program, 0, M + 1, SLOTS_A, UNIFORM_A)
         if N > 0:  # B's partials follow A's in the same buffer
             gr._store_partials(partial_ptr + offset_b, sums, fold_mask, group_b, 0, program, M + 1, N, SLOTS_B, False)
