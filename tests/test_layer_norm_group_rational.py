@@ -9,10 +9,12 @@ from flashkat.ops import group_rational as gr
 from flashkat.ops import layer_norm_group_rational as op
 from conftest import DEVICE, check_coefficient_grads, coefficient_gradient_scale, random_coefficients, rel_l2, requires_cuda
 
-# Outputs stored in each dtype: one rounding plus float32 arithmetic. The LayerNorm's gradients
-# (float32 column sums) are checked against the sum of their terms' magnitudes, as the coefficients'.
+# Outputs stored in each dtype: one rounding plus float32 arithmetic. Gradients that are sums over
+# rows are checked against the sum of their terms' magnitudes: the coefficients' within 1e-6 of
+# it (the summation's rounding), the LayerNorm's within 5e-6, since each of their terms carries
+# du, the rational's float32 derivative, a few ulps off (worst seen: 1.4e-6 over 300 seeds).
 OUT_TOL = {torch.float32: 2e-6, torch.float64: 1e-13, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-SUM_TOL = 1e-6
+SUM_TOL, LN_SUM_TOL = 1e-6, 5e-6
 
 
 def reference_value(x, weight, bias, a, b, eps):
@@ -53,7 +55,7 @@ def check_kernels(x, weight, bias, a, b, eps=1e-6, out_dtype=None):
     D = x.shape[-1]
     rows = du.reshape(-1, D)
     scales = ((rows * xhat.reshape(-1, D)).abs().sum(0), rows.abs().sum(0))
-    check_coefficient_grads((dw, dbias), (rdw, rdb), scales, SUM_TOL)
+    check_coefficient_grads((dw, dbias), (rdw, rdb), scales, LN_SUM_TOL)
     check_coefficient_grads((da, db), (rda, rdbb), coefficient_gradient_scale(g, u, a, b), SUM_TOL)
     return y, grads
 
