@@ -341,6 +341,10 @@ def triton_forward(x, weight, bias, numerator, denominator, eps: float = 1e-6, o
     """(y, mean, rstd) by the Triton kernel: y = F(LayerNorm(x)) in ``out_dtype`` (default x's),
     the row statistics (flattened leading dims) in float32 (float64 for float64 x)."""
     _check_args(x, weight, bias, numerator, denominator, eps, out_dtype)
+    return _forward(x, weight, bias, numerator, denominator, eps, out_dtype)
+
+
+def _forward(x, weight, bias, numerator, denominator, eps, out_dtype):
     rows = _rows(x)
     S, D = rows.shape
     y = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
@@ -364,6 +368,10 @@ def triton_backward(grad_output, x, weight, bias, numerator, denominator, mean, 
     if not isinstance(grad_output, torch.Tensor) or grad_output.shape != x.shape:
         shape = tuple(grad_output.shape) if isinstance(grad_output, torch.Tensor) else type(grad_output).__name__
         raise ValueError(f"layer_norm_group_rational: grad_output shape {shape} != x shape {tuple(x.shape)}")
+    return _backward(grad_output, x, weight, bias, numerator, denominator, mean, rstd, eps)
+
+
+def _backward(grad_output, x, weight, bias, numerator, denominator, mean, rstd, eps):
     rows, g = _rows(x), _rows(grad_output)
     S, D = rows.shape
     weight, bias = weight.contiguous(), bias.contiguous()
@@ -445,18 +453,23 @@ def _(grad_output, x, weight, bias, numerator, denominator, mean, rstd, eps):
 
 
 class _LayerNormGroupRational(torch.autograd.Function):
+    """Autograd of the op: eager CUDA calls launch the kernels directly (the dispatcher's trip to a
+    Python kernel costs host time a small layer cannot spare, as for ``group_rational``); compiled
+    graphs and other devices call the operators."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, numerator, denominator, eps, out_dtype):
-        y, mean, rstd = torch.ops.flashkat.layer_norm_group_rational(x, weight, bias, numerator, denominator, eps,
-                                                                     out_dtype)  # fmt: skip
+        ctx.direct = gr._launches_directly(x)
+        run = _forward if ctx.direct else torch.ops.flashkat.layer_norm_group_rational  # arguments checked
+        y, mean, rstd = run(x, weight, bias, numerator, denominator, eps, out_dtype)
         ctx.save_for_backward(x, weight, bias, numerator, denominator, mean, rstd)
         ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = torch.ops.flashkat.layer_norm_group_rational_backward(grad_output.contiguous(), *ctx.saved_tensors,
-                                                                      ctx.eps)  # fmt: skip
+        run = _backward if ctx.direct else torch.ops.flashkat.layer_norm_group_rational_backward
+        grads = run(grad_output.contiguous(), *ctx.saved_tensors, ctx.eps)
         return (*grads, None, None)
 
 
