@@ -213,3 +213,11 @@ def test_fused_norm_blocks_compute_the_same_function():
         assert (q.grad - p.grad).norm() <= 1e-4 * p.grad.norm(), name
     with pytest.raises(ValueError, match="fuse_norm=True.*block_fn"):
         small_kat(fuse_norm=True, block_fn=nn.Identity)
+
+
+def test_fused_norm_model_compiles_without_graph_breaks():
+    model = small_kat(fuse_norm=True)
+    x = torch.randn(2, 3, 32, 32)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
