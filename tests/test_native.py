@@ -17,6 +17,7 @@ import torch
 import flashkat
 from flashkat import reference
 from flashkat.ops import group_rational as op
+from flashkat.ops import layer_norm_group_rational as lnop
 from flashkat.ops import native
 from conftest import (DEVICE, check_coefficient_grads, coefficient_gradient_scale, random_coefficients, rel_l2,
                       requires_cuda)
@@ -126,13 +127,16 @@ class InterpretedLaunches:
         plan = op._plan(x, a, b, dim, None)
         self.kernels = {1: (op._forward_kernel, plan.forward), 2: (op._backward_kernel, plan.backward),
                         3: (op._reduce_kernel, plan.reduce)}  # fmt: skip
-        counts = {1: 4, 2: 6, 3: 5}  # tensors per launch, in kernel-argument order
+        module.register_plan(x, a, b, dim, -1, x.dtype, plan.dense, plan.partials, *self.specs({1: 4, 2: 6, 3: 5}))
+
+    def specs(self, counts: dict) -> list:
+        """Launch descriptions naming ``counts[function]`` tensors, then the plan's scalars."""
         specs = []
         for function, (kernel, (grid, scalars, meta)) in self.kernels.items():
             params = [("t", i, 0.0) for i in range(counts[function])]
             params += [("i", v, 0.0) if isinstance(v, int) else ("f", 0, float(v)) for v in scalars]
             specs.append((function, (*grid, 1, 1)[:3], 128, 0, False, params))
-        module.register_plan(x, a, b, dim, -1, x.dtype, plan.dense, plan.partials, *specs)
+        return specs
 
     def __call__(self, function, grid, tensors, cells):
         kernel, (plan_grid, scalars, meta) = self.kernels[function]
@@ -184,6 +188,78 @@ def test_native_autograd_function_with_interpreted_launches():
         module.set_launch_hook(None)
         module.clear()
         op._clear_caches()  # on a GPU, later tests' signatures register again (else they stay on the Python path)
+
+
+class InterpretedLayerNormLaunches(InterpretedLaunches):
+    """The same for the fused LayerNorm + group-rational op's three kernels."""
+
+    def __init__(self, module, x, weight, bias, a, b, eps):
+        self.module, self.calls = module, []
+        plan = lnop._config(x.numel() // x.shape[-1], x.shape[-1], x.dtype, a.shape[1] - 1, b.shape[1], a.shape[0],
+                            b.shape[0], -1)  # fmt: skip
+        (f_grid, f_scalars, f_meta, f_limit), (b_grid, b_scalars, b_meta, b_limit, offset_b, size) = plan.forward, plan.backward
+        self.kernels = {11: (lnop._forward_kernel, (f_grid, (*f_scalars, eps, f_limit), f_meta)),
+                        12: (lnop._backward_kernel, (b_grid, (*b_scalars, eps, b_limit, offset_b), b_meta)),
+                        13: (lnop._reduce_kernel, plan.reduce)}  # fmt: skip
+        module.register_layer_norm_plan(x, weight, bias, a, b, eps, -1, x.dtype, torch.float32, size, plan.programs,
+                                        *self.specs({11: 8, 12: 11, 13: 8}))  # fmt: skip
+
+
+@needs_compiler
+def test_native_layer_norm_function_with_interpreted_launches():
+    """The fused op's C++ autograd function, plan lookup, allocations and launch parameters, the
+    launches run by Python: the reference's values; a signature with another eps has no plan."""
+    module = native.build()
+    module.clear()
+    x = torch.randn(3, 11, 64, device=DEVICE)
+    weight, bias = 1 + 0.2 * torch.randn(64, device=DEVICE), 0.1 * torch.randn(64, device=DEVICE)
+    a, b = random_coefficients(1, 8, (5, 4))
+    launches = InterpretedLayerNormLaunches(module, x, weight, bias, a, b, 1e-5)
+    module.set_launch_hook(launches)
+    try:
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, a, b)]
+        g = torch.randn_like(x)
+        for _ in range(2):
+            for t in leaves:
+                t.grad = None
+            y = module.layer_norm_forward(*leaves, 1e-5, -1)
+            assert "LayerNormGroupRationalFunction" in y.grad_fn.name()
+            y.backward(g)
+        assert launches.calls == [11, 12, 13] * 2
+        want_y = lnop._reference_forward_op(x, weight, bias, a, b, 1e-5, None)[0]
+        want_grads = lnop._reference_backward_op(g, x, weight, bias, a, b, None, None, 1e-5)  # float64 formulas
+        assert rel_l2(y.detach(), want_y) < 2e-6
+        for leaf, want in zip(leaves, want_grads):  # sums over rows: a little more rounding than dx
+            assert rel_l2(leaf.grad, want) < 1e-5
+        assert module.layer_norm_forward(x, weight, bias, a, b, 1e-6, -1) is None
+        assert module.layer_norm_forward(x.transpose(0, 1), weight, bias, a, b, 1e-5, -1) is None
+    finally:
+        module.set_launch_hook(None)
+        module.clear()
+        lnop._clear_caches()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, None)])
+def test_native_layer_norm_path_gives_the_python_paths_bits(dtype, out_dtype, native_on):
+    lnop._clear_caches()
+    x = torch.randn(8, 197, 192, device="cuda").to(dtype)
+    weight, bias = 1 + 0.2 * torch.randn(192, device="cuda"), 0.1 * torch.randn(192, device="cuda")
+    a, b = random_coefficients(1, 8, (5, 4))
+    g = torch.randn(x.shape, device="cuda").to(out_dtype or dtype)
+    results = []
+    for path in (contextlib.nullcontext, native.disabled):
+        with path():
+            for _ in range(2):  # the first call registers the signature
+                leaves = [t.detach().requires_grad_() for t in (x, weight, bias, a, b)]
+                y = lnop.layer_norm_group_rational(*leaves, eps=1e-6, out_dtype=out_dtype)
+                grads = torch.autograd.grad(y, leaves, g)
+            results.append((y.grad_fn.name(), y.detach(), *grads))
+    (fast_name, *fast), (slow_name, *slow) = results
+    assert "LayerNormGroupRationalFunction" in fast_name and "LayerNormGroupRationalFunction" not in slow_name
+    for got, want in zip(fast, slow):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    lnop._clear_caches()
 
 
 def run_both_paths(x, a, b, dim=-1, out_dtype=None, calls=2):

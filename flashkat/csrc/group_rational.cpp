@@ -1,6 +1,8 @@
 // Eager CUDA calls of the group-rational op without Python: a C++ autograd function that looks up
 // the call's plan (built and compiled once per signature by flashkat/ops/group_rational.py, which
 // registers the compiled Triton kernels here) and launches the kernels through the driver API.
+// The fused LayerNorm + group-rational op (flashkat/ops/layer_norm_group_rational.py) has its own
+// plans and autograd function below, on the same launch code.
 //
 // Why: an eager step of a small KAT is bound by the host, and a Python autograd.Function with its
 // launch code costs several times what an ATen op costs (docs/BENCHMARKS.md, step 22). Here a call
@@ -160,12 +162,12 @@ struct Plan {
 std::unordered_map<std::string, const Plan*> plans;
 std::deque<Plan> all_plans;
 
-std::string signature(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator, int64_t dim,
-                      int64_t out_code) {
+// A call's signature: every tensor's shape, strides, dtype and device, then the call's other values.
+std::string signature(std::initializer_list<const at::Tensor*> tensors, std::initializer_list<int64_t> values) {
   std::string key;
-  key.reserve(256);
+  key.reserve(320);
   const auto put = [&key](int64_t value) { key.append(reinterpret_cast<const char*>(&value), sizeof value); };
-  for (const at::Tensor* t : {&x, &numerator, &denominator}) {
+  for (const at::Tensor* t : tensors) {
     put(t->dim());
     for (const int64_t size : t->sizes()) put(size);
     for (const int64_t stride : t->strides()) put(stride);
@@ -173,9 +175,13 @@ std::string signature(const at::Tensor& x, const at::Tensor& numerator, const at
     put(static_cast<int64_t>(t->device().type()));
     put(t->device().index());
   }
-  put(dim);
-  put(out_code);
+  for (const int64_t value : values) put(value);
   return key;
+}
+
+std::string signature(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator, int64_t dim,
+                      int64_t out_code) {
+  return signature({&x, &numerator, &denominator}, {dim, out_code});
 }
 
 // New tensors (new_like: t's sizes and strides, t dense) straight from the CUDA caching
@@ -293,6 +299,101 @@ py::object launch_backward(const at::Tensor& grad, const at::Tensor& x, const at
   return py::cast(grads);
 }
 
+// LayerNorm + group-rational (flashkat/ops/layer_norm_group_rational.py): the same for its three
+// kernels. Forward: x (contiguous), weight, bias, numerator, denominator -> y, mean, rstd;
+// backward: dx and the four parameters' gradients, from the backward kernel's partial sums.
+struct LayerNormPlan {
+  Kernel forward, backward, reduce;
+  at::ScalarType out_dtype, stats_dtype;
+  int64_t partials, programs;
+  CUcontext context;
+};
+
+std::unordered_map<std::string, const LayerNormPlan*> layer_norm_plans;
+std::deque<LayerNormPlan> all_layer_norm_plans;
+
+std::string layer_norm_signature(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                 const at::Tensor& numerator, const at::Tensor& denominator, double eps,
+                                 int64_t out_code) {
+  int64_t eps_bits;
+  std::memcpy(&eps_bits, &eps, sizeof eps);
+  return signature({&x, &weight, &bias, &numerator, &denominator}, {eps_bits, out_code});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_layer_norm_forward(const LayerNormPlan& plan, const at::Tensor& x,
+                                                                      const at::Tensor& weight, const at::Tensor& bias,
+                                                                      const at::Tensor& numerator,
+                                                                      const at::Tensor& denominator) {
+  const c10::DeviceGuard guard(x.device());
+  ensure_context(plan.context);
+  const int64_t rows = x.numel() / x.size(-1);
+  at::Tensor y = new_like(x, plan.out_dtype);
+  at::Tensor mean = new_tensor({rows}, {1}, plan.stats_dtype, x);
+  at::Tensor rstd = new_tensor({rows}, {1}, plan.stats_dtype, x);
+  plan.forward.launch({&x, &weight, &bias, &numerator, &denominator, &y, &mean, &rstd}, current_stream(x));
+  return {y, mean, rstd};
+}
+
+variable_list run_layer_norm_backward(const LayerNormPlan& plan, const at::Tensor& grad_in, const at::Tensor& x,
+                                      const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& numerator,
+                                      const at::Tensor& denominator, const at::Tensor& mean, const at::Tensor& rstd) {
+  const c10::DeviceGuard guard(x.device());
+  ensure_context(plan.context);
+  at::Tensor grad = grad_in.scalar_type() == plan.out_dtype ? grad_in : grad_in.to(plan.out_dtype);
+  if (grad.strides() != x.strides() || !aligned(grad)) grad = at::empty_like(x, grad.options()).copy_(grad);
+  const int64_t channels = x.size(-1);
+  at::Tensor dx = new_like(x, x.scalar_type());
+  at::Tensor partials = new_tensor({plan.partials}, {1}, at::kDouble, x);
+  at::Tensor affine = new_tensor({plan.programs, 2, channels}, {2 * channels, channels, 1}, at::kFloat, x);
+  at::Tensor d_weight = new_like(weight, weight.scalar_type());
+  at::Tensor d_bias = new_like(bias, bias.scalar_type());
+  at::Tensor d_numerator = new_like(numerator, numerator.scalar_type());
+  at::Tensor d_denominator = new_like(denominator, denominator.scalar_type());
+  const CUstream stream = current_stream(x);
+  plan.backward.launch({&x, &grad, &weight, &bias, &numerator, &denominator, &mean, &rstd, &dx, &partials, &affine},
+                       stream);
+  plan.reduce.launch({&partials, &numerator, &d_numerator, &denominator, &d_denominator, &affine, &d_weight, &d_bias},
+                     stream);
+  return {dx, d_weight, d_bias, d_numerator, d_denominator};
+}
+
+struct LayerNormGroupRationalFunction : public torch::autograd::Function<LayerNormGroupRationalFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const at::Tensor& numerator, const at::Tensor& denominator, int64_t plan_address) {
+    const auto& plan = *reinterpret_cast<const LayerNormPlan*>(plan_address);
+    auto [y, mean, rstd] = run_layer_norm_forward(plan, x, weight, bias, numerator, denominator);
+    ctx->save_for_backward({x, weight, bias, numerator, denominator, mean, rstd});
+    ctx->saved_data["plan"] = plan_address;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto& plan = *reinterpret_cast<const LayerNormPlan*>(ctx->saved_data["plan"].toInt());
+    const variable_list s = ctx->get_saved_variables();
+    variable_list result = run_layer_norm_backward(plan, grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
+    result.push_back(at::Tensor());
+    return result;
+  }
+};
+
+// Eager calls of F(LayerNorm(x)) with autograd, or None without a plan (or with a tensor not
+// 16-byte aligned, or x not contiguous: the kernels were built for neither).
+py::object layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& numerator, const at::Tensor& denominator, double eps, int64_t out_code) {
+  const auto found = layer_norm_plans.find(layer_norm_signature(x, weight, bias, numerator, denominator, eps, out_code));
+  if (found == layer_norm_plans.end() || !x.is_contiguous()) return py::none();
+  for (const at::Tensor* t : {&x, &weight, &bias, &numerator, &denominator}) {
+    if (!aligned(*t)) return py::none();
+  }
+  at::Tensor y;
+  {
+    const py::gil_scoped_release no_gil;
+    y = LayerNormGroupRationalFunction::apply(x, weight, bias, numerator, denominator,
+                                              reinterpret_cast<int64_t>(found->second));
+  }
+  return py::cast(y);
+}
+
 Kernel to_kernel(const py::tuple& spec) {
   Kernel kernel;
   kernel.function = reinterpret_cast<CUfunction>(spec[0].cast<uint64_t>());
@@ -323,6 +424,20 @@ void register_plan(const at::Tensor& x, const at::Tensor& numerator, const at::T
   plans[signature(x, numerator, denominator, dim, out_code)] = &all_plans.back();
 }
 
+void register_layer_norm_plan(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& numerator, const at::Tensor& denominator, double eps, int64_t out_code,
+                              at::ScalarType out_dtype, at::ScalarType stats_dtype, int64_t partials, int64_t programs,
+                              const py::tuple& forward_spec, const py::tuple& backward_spec,
+                              const py::tuple& reduce_spec) {
+  const CUcontext context = x.is_cuda() ? current_context() : nullptr;
+  TORCH_CHECK(!x.is_cuda() || context != nullptr, "flashkat native: no current CUDA context at registration");
+  all_layer_norm_plans.push_back(LayerNormPlan{to_kernel(forward_spec), to_kernel(backward_spec),
+                                               to_kernel(reduce_spec), out_dtype, stats_dtype, partials, programs,
+                                               context});
+  layer_norm_plans[layer_norm_signature(x, weight, bias, numerator, denominator, eps, out_code)] =
+      &all_layer_norm_plans.back();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -330,8 +445,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch_forward", &launch_forward, "F(x) through a registered plan (no autograd), or None");
   m.def("launch_backward", &launch_backward, "(dx, d numerator, d denominator) through a registered plan, or None");
   m.def("register_plan", &register_plan, "register the compiled kernels of one call signature");
-  m.def("clear", [] { plans.clear(); }, "forget every plan (kept alive for pending backwards)");
-  m.def("plan_count", [] { return plans.size(); });
+  m.def("layer_norm_forward", &layer_norm_forward, "F(LayerNorm(x)) with autograd through a registered plan, or None");
+  m.def("register_layer_norm_plan", &register_layer_norm_plan, "register the fused op's kernels of one call signature");
+  m.def(
+      "clear",
+      [] {
+        plans.clear();
+        layer_norm_plans.clear();
+      },
+      "forget every plan (kept alive for pending backwards)");
+  m.def("plan_count", [] { return plans.size() + layer_norm_plans.size(); });
   m.def(
       "set_launch_hook",
       [](const py::object& hook) {

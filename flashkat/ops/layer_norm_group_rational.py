@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from flashkat import reference
 from flashkat.ops import group_rational as gr
+from flashkat.ops import native
 
 __all__ = ["layer_norm_group_rational", "triton_forward", "triton_backward"]
 
@@ -493,4 +494,65 @@ def layer_norm_group_rational(
     if not all(isinstance(t, torch.Tensor) for t in (x, weight, bias, numerator, denominator)):
         reference.check_args(x, numerator, denominator, -1)  # raises the TypeError for x and the coefficients
     _check_args(x, weight, bias, numerator, denominator, eps, out_dtype)
-    return _LayerNormGroupRational.apply(x, weight, bias, numerator, denominator, float(eps), out_dtype)
+    eps = float(eps)
+    launcher = native.module() if gr._launches_directly(x) else None
+    if launcher is not None:  # a signature seen before: forward and backward in C++
+        y = launcher.layer_norm_forward(x, weight, bias, numerator, denominator, eps, gr._OUT_CODES.get(out_dtype, -2))
+        if y is not None:
+            return y
+        _register_native_once(launcher, x, weight, bias, numerator, denominator, eps, out_dtype)
+    return _LayerNormGroupRational.apply(x, weight, bias, numerator, denominator, eps, out_dtype)
+
+
+_NATIVE: dict = {}  # call signature -> registered with the native launcher?
+
+
+def _clear_caches() -> None:
+    """Forget configurations and native registrations (after changing ``_TUNING``)."""
+    _config.cache_clear()
+    _NATIVE.clear()
+    native.clear()
+
+
+def _register_native_once(launcher, x, weight, bias, numerator, denominator, eps: float, out_dtype) -> None:
+    key = (x.shape, x.stride(), x.dtype, x.device, *[(t.shape, t.stride(), t.dtype) for t in (weight, bias, numerator,
+           denominator)], eps, out_dtype)  # fmt: skip
+    if key not in _NATIVE:
+        if len(_NATIVE) >= 4096:
+            _NATIVE.clear()
+        _NATIVE[key] = _register_native(launcher, x, weight, bias, numerator, denominator, eps, out_dtype)
+
+
+def _register_native(launcher, x, weight, bias, numerator, denominator, eps: float, out_dtype) -> bool:
+    """Compile the three kernels of this signature and register them with the native launcher
+    (as ``group_rational._register_native``: aligned one-element tensors stand for every tensor);
+    False where it cannot take them."""
+    params = (weight, bias, numerator, denominator)
+    if x.numel() == 0 or not all(t.is_contiguous() for t in (x, *params)) or gr._launches_hooked():
+        return False
+    if gr._off_current_device(x):
+        with torch.cuda.device(x.device):
+            return _register_native(launcher, x, weight, bias, numerator, denominator, eps, out_dtype)
+    D = x.shape[-1]
+    plan = _config(x.numel() // D, D, x.dtype, numerator.shape[1] - 1, denominator.shape[1], numerator.shape[0],
+                   denominator.shape[0], gr._device_index(x))  # fmt: skip
+    out, stats = out_dtype or x.dtype, _stats_dtype(x)
+    w, b, a, c = (t.dtype for t in params)
+    dtypes = ((x.dtype, w, b, a, c, out, stats, stats),
+              (x.dtype, out, w, b, a, c, stats, stats, x.dtype, torch.float64, torch.float32),
+              (torch.float64, a, a, c, c, torch.float32, w, b))  # fmt: skip
+    (f_grid, f_scalars, f_meta, f_limit), (b_grid, b_scalars, b_meta, b_limit, offset_b, size) = plan.forward, plan.backward
+    launches = ((_forward_kernel, f_grid, (*f_scalars, eps, f_limit), f_meta),
+                (_backward_kernel, b_grid, (*b_scalars, eps, b_limit, offset_b), b_meta),
+                (_reduce_kernel, *plan.reduce))  # fmt: skip
+    specs = []
+    for (kernel, grid, scalars, meta), kinds in zip(launches, dtypes):
+        tensors = tuple(torch.empty(1, device=x.device, dtype=dtype) for dtype in kinds)
+        compiled = kernel.warmup(*tensors, *scalars, grid=grid, **meta)  # compiles, launches nothing
+        spec = native.kernel_spec(compiled, kernel.arg_names, (*tensors, *scalars), len(tensors), grid)
+        if spec is None:
+            return False
+        specs.append(spec)
+    launcher.register_layer_norm_plan(x, weight, bias, numerator, denominator, eps, gr._OUT_CODES.get(out_dtype, -2),
+                                      out, stats, size, plan.programs, *specs)  # fmt: skip
+    return True
