@@ -10,11 +10,12 @@ from flashkat.ops import layer_norm_group_rational as op
 from conftest import DEVICE, check_coefficient_grads, coefficient_gradient_scale, random_coefficients, rel_l2, requires_cuda
 
 # Outputs stored in each dtype: one rounding plus float32 arithmetic. Gradients that are sums over
-# rows are checked against the sum of their terms' magnitudes: the coefficients' within 1e-6 of
-# it (the summation's rounding), the LayerNorm's within 5e-6, since each of their terms carries
-# du, the rational's float32 derivative, a few ulps off (worst seen: 1.4e-6 over 300 seeds).
+# rows must be within SUM_TOL of the sum of their terms' magnitudes. For the LayerNorm's weight and
+# bias the terms are du (times xhat), and du = g (P'Q - P Q')/Q^2 cancels where F is flat: its
+# float32 rounding scales with |g| (|P'| + |F Q'|) / Q, not with |du| (seen: with |du| as the
+# scale, 1 seed in ~300 failed by 8x; with this one the worst of 400 seeds is 0.3 of SUM_TOL).
 OUT_TOL = {torch.float32: 2e-6, torch.float64: 1e-13, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-SUM_TOL, LN_SUM_TOL = 1e-6, 5e-6
+SUM_TOL = 1e-6
 
 
 def reference_value(x, weight, bias, a, b, eps):
@@ -30,8 +31,19 @@ def reference_grads(g, x, weight, bias, a, b, eps):
     inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias, a, b)]
     y, u, xhat = reference_value(*inputs, eps)
     grads = torch.autograd.grad(y, inputs, g.double())
-    du = reference.backward(g.double(), u.detach(), a.double(), b.double())[0]
-    return grads, u.detach(), xhat.detach(), du
+    return grads, u.detach(), xhat.detach()
+
+
+def du_magnitudes(g, u, a, b):
+    """|g| (|P'(u)| + |F(u) Q'(u)|) / Q(u) per element, float64: the scale of du's rounding."""
+    D = u.shape[-1]
+    a, b = a.double().repeat_interleave(D // a.shape[0], 0), b.double().repeat_interleave(D // b.shape[0], 0)
+    au = u.abs()
+    p = sum(a[:, i] * u**i for i in range(a.shape[1]))
+    dp = sum(i * a[:, i] * u ** (i - 1) for i in range(1, a.shape[1]))
+    q = 1 + sum(b[:, j].abs() * au ** (j + 1) for j in range(b.shape[1]))
+    dq = sum((j + 1) * b[:, j].abs() * au**j for j in range(b.shape[1]))
+    return g.double().abs() * (dp.abs() + (p / q).abs() * dq) / q
 
 
 def affine_params(D, device=DEVICE, scale=0.5):
@@ -45,7 +57,7 @@ def check_kernels(x, weight, bias, a, b, eps=1e-6, out_dtype=None):
     y, mean, rstd = op.triton_forward(x, weight, bias, a, b, eps, out_dtype)
     grads = op.triton_backward(g, x, weight, bias, a, b, mean, rstd, eps)
     ry, _, _ = reference_value(x, weight, bias, a, b, eps)
-    (rdx, rdw, rdb, rda, rdbb), u, xhat, du = reference_grads(g, x, weight, bias, a, b, eps)
+    (rdx, rdw, rdb, rda, rdbb), u, xhat = reference_grads(g, x, weight, bias, a, b, eps)
     dx, dw, dbias, da, db = grads
     assert y.dtype == out_dtype and y.shape == x.shape and dx.dtype == x.dtype and dx.shape == x.shape
     for grad, t in zip(grads[1:], (weight, bias, a, b)):
@@ -53,9 +65,9 @@ def check_kernels(x, weight, bias, a, b, eps=1e-6, out_dtype=None):
     assert rel_l2(y, ry) < OUT_TOL[out_dtype], rel_l2(y, ry)
     assert rel_l2(dx, rdx) < 4 * OUT_TOL[x.dtype], rel_l2(dx, rdx)
     D = x.shape[-1]
-    rows = du.reshape(-1, D)
-    scales = ((rows * xhat.reshape(-1, D)).abs().sum(0), rows.abs().sum(0))
-    check_coefficient_grads((dw, dbias), (rdw, rdb), scales, LN_SUM_TOL)
+    magnitudes = du_magnitudes(g, u, a, b).reshape(-1, D)
+    scales = ((magnitudes * xhat.reshape(-1, D).abs()).sum(0), magnitudes.sum(0))
+    check_coefficient_grads((dw, dbias), (rdw, rdb), scales, SUM_TOL)
     check_coefficient_grads((da, db), (rda, rdbb), coefficient_gradient_scale(g, u, a, b), SUM_TOL)
     return y, grads
 
@@ -140,7 +152,7 @@ def test_public_function_matches_reference_and_differentiates():
     g = torch.randn_like(y)
     y.backward(g)
     ry, _, _ = reference_value(x.detach(), *[p.detach() for p in params], 1e-5)
-    want, _, _, _ = reference_grads(g, x, *params, 1e-5)
+    want, _, _ = reference_grads(g, x, *params, 1e-5)
     assert rel_l2(y.detach(), ry) < 2e-6
     for got, ref in zip((x.grad, *[p.grad for p in params]), want):
         assert rel_l2(got, ref) < 2e-6
