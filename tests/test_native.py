@@ -231,8 +231,13 @@ def test_native_layer_norm_function_with_interpreted_launches():
         assert rel_l2(y.detach(), want_y) < 2e-6
         for leaf, want in zip(leaves, want_grads):  # sums over rows: a little more rounding than dx
             assert rel_l2(leaf.grad, want) < 1e-5
+        y2, mean, rstd = module.layer_norm_launch_forward(x, weight, bias, a, b, 1e-5, -1)  # the operators' kernels
+        assert torch.equal(y2, y.detach()) and mean.shape == rstd.shape == (33,)
+        grads = module.layer_norm_launch_backward(g, x, weight, bias, a, b, mean, rstd, 1e-5)
+        assert all(torch.equal(got, leaf.grad) for got, leaf in zip(grads, leaves))
         assert module.layer_norm_forward(x, weight, bias, a, b, 1e-6, -1) is None
         assert module.layer_norm_forward(x.transpose(0, 1), weight, bias, a, b, 1e-5, -1) is None
+        assert module.layer_norm_launch_backward(g.bfloat16(), x, weight, bias, a, b, mean, rstd, 1e-5) is None
     finally:
         module.set_launch_hook(None)
         module.clear()
@@ -259,6 +264,17 @@ def test_native_layer_norm_path_gives_the_python_paths_bits(dtype, out_dtype, na
     assert "LayerNormGroupRationalFunction" in fast_name and "LayerNormGroupRationalFunction" not in slow_name
     for got, want in zip(fast, slow):
         assert got.dtype == want.dtype and torch.equal(got, want)
+    operator_results = []  # the operators compiled graphs call: from C++ after the first call, else Python
+    for path in (contextlib.nullcontext, native.disabled):
+        with path():
+            for _ in range(2):
+                y, mean, rstd = torch.ops.flashkat.layer_norm_group_rational(x, weight, bias, a, b, 1e-6, out_dtype)
+                grads = torch.ops.flashkat.layer_norm_group_rational_backward(g, x, weight, bias, a, b, mean, rstd,
+                                                                              1e-6)  # fmt: skip
+            operator_results.append((y, mean, rstd, *grads))
+    for got, want in zip(*operator_results):
+        assert torch.equal(got, want)
+    assert torch.equal(operator_results[0][0], fast[0])
     lnop._clear_caches()
 
 

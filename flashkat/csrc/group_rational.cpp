@@ -376,22 +376,67 @@ struct LayerNormGroupRationalFunction : public torch::autograd::Function<LayerNo
   }
 };
 
-// Eager calls of F(LayerNorm(x)) with autograd, or None without a plan (or with a tensor not
-// 16-byte aligned, or x not contiguous: the kernels were built for neither).
+// The registered plan of a call, if x is contiguous and every tensor 16-byte aligned (what the
+// kernels were built for); else null, and the caller takes the Python path.
+const LayerNormPlan* find_layer_norm_plan(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                          const at::Tensor& numerator, const at::Tensor& denominator, double eps,
+                                          int64_t out_code) {
+  const auto found = layer_norm_plans.find(layer_norm_signature(x, weight, bias, numerator, denominator, eps, out_code));
+  if (found == layer_norm_plans.end() || !x.is_contiguous()) return nullptr;
+  for (const at::Tensor* t : {&x, &weight, &bias, &numerator, &denominator}) {
+    if (!aligned(*t)) return nullptr;
+  }
+  return found->second;
+}
+
+// Eager calls of F(LayerNorm(x)) with autograd, or None without a plan.
 py::object layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                               const at::Tensor& numerator, const at::Tensor& denominator, double eps, int64_t out_code) {
-  const auto found = layer_norm_plans.find(layer_norm_signature(x, weight, bias, numerator, denominator, eps, out_code));
-  if (found == layer_norm_plans.end() || !x.is_contiguous()) return py::none();
-  for (const at::Tensor* t : {&x, &weight, &bias, &numerator, &denominator}) {
-    if (!aligned(*t)) return py::none();
-  }
+  const LayerNormPlan* plan = find_layer_norm_plan(x, weight, bias, numerator, denominator, eps, out_code);
+  if (plan == nullptr) return py::none();
   at::Tensor y;
   {
     const py::gil_scoped_release no_gil;
-    y = LayerNormGroupRationalFunction::apply(x, weight, bias, numerator, denominator,
-                                              reinterpret_cast<int64_t>(found->second));
+    y = LayerNormGroupRationalFunction::apply(x, weight, bias, numerator, denominator, reinterpret_cast<int64_t>(plan));
   }
   return py::cast(y);
+}
+
+// The fused op's operators' CUDA kernels (what compiled graphs call): launches only, or None.
+py::object layer_norm_launch_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                     const at::Tensor& numerator, const at::Tensor& denominator, double eps,
+                                     int64_t out_code) {
+  const LayerNormPlan* plan = find_layer_norm_plan(x, weight, bias, numerator, denominator, eps, out_code);
+  if (plan == nullptr) return py::none();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs;
+  {
+    const py::gil_scoped_release no_gil;
+    outputs = run_layer_norm_forward(*plan, x, weight, bias, numerator, denominator);
+  }
+  return py::cast(outputs);
+}
+
+// The backward operator knows the output dtype only from the gradient: a plan registered for
+// that dtype (out_dtype named), else for x's own (out_dtype None).
+py::object layer_norm_launch_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& bias, const at::Tensor& numerator,
+                                      const at::Tensor& denominator, const at::Tensor& mean, const at::Tensor& rstd,
+                                      double eps) {
+  static const std::unordered_map<int, int64_t> codes = {{static_cast<int>(at::kHalf), 0},
+                                                         {static_cast<int>(at::kBFloat16), 1},
+                                                         {static_cast<int>(at::kFloat), 2},
+                                                         {static_cast<int>(at::kDouble), 3}};
+  const auto code = codes.find(static_cast<int>(grad.scalar_type()));
+  const LayerNormPlan* plan = nullptr;
+  if (code != codes.end()) plan = find_layer_norm_plan(x, weight, bias, numerator, denominator, eps, code->second);
+  if (plan == nullptr) plan = find_layer_norm_plan(x, weight, bias, numerator, denominator, eps, -1);
+  if (plan == nullptr || grad.scalar_type() != plan->out_dtype || !aligned(mean) || !aligned(rstd)) return py::none();
+  variable_list grads;
+  {
+    const py::gil_scoped_release no_gil;
+    grads = run_layer_norm_backward(*plan, grad, x, weight, bias, numerator, denominator, mean, rstd);
+  }
+  return py::cast(std::make_tuple(grads[0], grads[1], grads[2], grads[3], grads[4]));
 }
 
 Kernel to_kernel(const py::tuple& spec) {
@@ -446,6 +491,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch_backward", &launch_backward, "(dx, d numerator, d denominator) through a registered plan, or None");
   m.def("register_plan", &register_plan, "register the compiled kernels of one call signature");
   m.def("layer_norm_forward", &layer_norm_forward, "F(LayerNorm(x)) with autograd through a registered plan, or None");
+  m.def("layer_norm_launch_forward", &layer_norm_launch_forward,
+        "(y, mean, rstd) through a registered plan (no autograd), or None");
+  m.def("layer_norm_launch_backward", &layer_norm_launch_backward,
+        "(dx, d weight, d bias, d numerator, d denominator) through a registered plan, or None");
   m.def("register_layer_norm_plan", &register_layer_norm_plan, "register the fused op's kernels of one call signature");
   m.def(
       "clear",

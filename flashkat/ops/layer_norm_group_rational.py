@@ -435,9 +435,30 @@ _LIB.define("layer_norm_group_rational_backward(Tensor grad_output, Tensor x, Te
             "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")  # fmt: skip
 _LIB.impl("layer_norm_group_rational", _reference_forward_op, "CompositeExplicitAutograd")
 _LIB.impl("layer_norm_group_rational_backward", _reference_backward_op, "CompositeExplicitAutograd")
-if gr.HAS_TRITON:
-    _LIB.impl("layer_norm_group_rational", triton_forward, "CUDA")
-    _LIB.impl("layer_norm_group_rational_backward", triton_backward, "CUDA")
+def _cuda_forward_op(x, weight, bias, numerator, denominator, eps, out_dtype):
+    launcher = native.module()
+    if launcher is not None:  # a signature seen before: launched from C++
+        outputs = launcher.layer_norm_launch_forward(x, weight, bias, numerator, denominator, eps,
+                                                     gr._OUT_CODES.get(out_dtype, -2))  # fmt: skip
+        if outputs is not None:
+            return outputs
+        _register_native_once(launcher, x, weight, bias, numerator, denominator, eps, out_dtype)
+    return triton_forward(x, weight, bias, numerator, denominator, eps, out_dtype)
+
+
+def _cuda_backward_op(grad_output, x, weight, bias, numerator, denominator, mean, rstd, eps):
+    launcher = native.module()
+    if launcher is not None:
+        grads = launcher.layer_norm_launch_backward(grad_output, x, weight, bias, numerator, denominator, mean, rstd,
+                                                    eps)  # fmt: skip
+        if grads is not None:
+            return grads
+    return triton_backward(grad_output, x, weight, bias, numerator, denominator, mean, rstd, eps)
+
+
+if gr.HAS_TRITON:  # CUDA runs the Triton kernels (from C++ after a signature's first call, where it can)
+    _LIB.impl("layer_norm_group_rational", _cuda_forward_op, "CUDA")
+    _LIB.impl("layer_norm_group_rational_backward", _cuda_backward_op, "CUDA")
 
 
 @torch.library.register_fake("flashkat::layer_norm_group_rational", lib=_LIB)
