@@ -72,7 +72,7 @@ def test_bench_kernels_sweep_restores_tuning(tmp_path):
 
 def test_bench_model(tmp_path, capsys):
     args = ["bench", "model", "--sizes", "tiny", "--dtypes", "bf16", "fp16", "--modes", "eager", "--warmup", "1",
-            "--steps", "1", "--impls", "flashkat", "blocked", "atomic", "gelu", "fused", "--atomic-steps", "1",
+            "--steps", "1", "--impls", "flashkat", "blocked", "atomic", "gelu", "unfused", "--atomic-steps", "1",
             "--output", str(tmp_path), *SMALL_MODEL]  # fmt: skip
     assert main(args) == 0
     payload = json.loads((tmp_path / "model.json").read_text())
@@ -80,7 +80,7 @@ def test_bench_model(tmp_path, capsys):
     vits = [r for r in rows if r["model"] == "vit_tiny_patch16_224"]
     kats = [r for r in rows if r["model"] == "kat_tiny_patch16_224"]
     assert len(vits) == 2  # one per dtype
-    expected = {"flashkat", "blocked", "atomic", "gelu", "fused"} if DEVICE == "cuda" else {"cpu-reference", "gelu"}
+    expected = {"flashkat", "blocked", "atomic", "gelu", "unfused"} if DEVICE == "cuda" else {"cpu-reference", "gelu"}
     assert {r["impl"] for r in kats} == expected and len(kats) == 2 * len(expected)
     for row in kats:
         vit = next(v for v in vits if v["dtype"] == row["dtype"])
@@ -91,12 +91,16 @@ def test_bench_model(tmp_path, capsys):
     assert table[0].startswith("| size | mode | dtype | model | impl |") and len(table) == 2 + len(rows)
 
 
-def test_fused_impl_builds_fused_norm_blocks():
+def test_unfused_impl_builds_timms_blocks():
+    from timm.models.vision_transformer import Block
+
     from flashkat.models.kat import FusedNormBlock
 
-    step = mbench.TrainingStep("kat_tiny_patch16_224", mbench.FUSED_LABEL, torch.bfloat16, "eager", 2, DEVICE,
-                               mbench.CPU_MODEL_ARGS)  # fmt: skip
-    assert all(isinstance(block, FusedNormBlock) for block in step.model.blocks) and step.first_step_s > 0
+    steps = [mbench.TrainingStep("kat_tiny_patch16_224", impl, torch.bfloat16, "eager", 2, DEVICE, mbench.CPU_MODEL_ARGS)
+             for impl in ("flashkat", mbench.UNFUSED_LABEL)]  # fmt: skip
+    fused, unfused = (step.model.blocks for step in steps)
+    assert all(type(block) is FusedNormBlock for block in fused) and all(type(block) is Block for block in unfused)
+    assert all(step.first_step_s > 0 for step in steps)
 
 
 def test_bench_model_compiles_blocks_or_the_whole_model(tmp_path):

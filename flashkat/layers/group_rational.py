@@ -71,7 +71,9 @@ class GroupRational(nn.Module):
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """F(x), or F(norm(x)): a LayerNorm ``norm`` over the channels (last dim, with weight and
         bias) runs fused with F, one pass over memory (``flashkat.ops.layer_norm_group_rational``);
-        any other ``norm`` is applied first. The fused LayerNorm reads x in its own dtype."""
+        any other ``norm`` is applied first, and so is any norm under ``torch.compile``, where inductor
+        fuses the LayerNorm with the residual add before it and with this layer's forward (a fused
+        custom op would cost the add its own pass). The fused LayerNorm reads x in its own dtype."""
         if norm is not None:
             if self._fuses(norm, x):
                 out_dtype = None
@@ -86,7 +88,7 @@ class GroupRational(nn.Module):
     def _fuses(self, norm: nn.Module, x: torch.Tensor) -> bool:
         return (isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
                 and tuple(norm.normalized_shape) == (x.shape[-1],) and self.dim in (-1, x.dim() - 1)
-                and self.impl == "flashkat")  # fmt: skip
+                and self.impl == "flashkat" and not torch.compiler.is_compiling())  # fmt: skip
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.weight_denominator.shape[0]}, numerator_groups={self.weight_numerator.shape[0]}, "

@@ -67,15 +67,17 @@ class FusedNormBlock(Block):
 class Kat(VisionTransformer):
     """timm's ``VisionTransformer`` with KAN blocks (``mlp_layer=KANMlp``) and KAT's inits.
 
-    ``fuse_norm=True`` builds ``FusedNormBlock`` blocks: each block's second LayerNorm runs in one
-    kernel with the GR-KAN after it (same function, parameters and checkpoints).
+    ``fuse_norm=True`` (the default) builds ``FusedNormBlock`` blocks: in eager mode each block's
+    second LayerNorm runs in one kernel with the GR-KAN after it (same function, parameters and
+    checkpoints); under ``torch.compile`` inductor fuses that LayerNorm itself. A ``block_fn`` of
+    your own needs ``fuse_norm=False``.
     """
 
     def __init__(self, *args, mlp_layer: type[nn.Module] = KANMlp, weight_init: str = "kan_mimetic",
-                 fuse_norm: bool = False, **kwargs) -> None:  # fmt: skip
+                 fuse_norm: bool = True, **kwargs) -> None:  # fmt: skip
         if fuse_norm:
             if kwargs.get("block_fn", Block) is not Block:
-                raise ValueError("Kat: fuse_norm=True builds its own blocks; it cannot be combined with block_fn")
+                raise ValueError("Kat: fuse_norm=True builds its own blocks; pass fuse_norm=False with a block_fn of your own")
             kwargs["block_fn"] = FusedNormBlock
         super().__init__(*args, mlp_layer=mlp_layer, weight_init=weight_init, **kwargs)
 
