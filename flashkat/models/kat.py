@@ -56,8 +56,9 @@ _KAT_WEIGHTS = "https://huggingface.co/adamdad/kat_pretained/resolve/main/"
 
 
 class FusedNormBlock(Block):
-    """timm's ``Block`` whose ``norm2`` runs fused with the KAN block's ``act1``
-    (``flashkat.ops.layer_norm_group_rational``): the same modules, parameters and state dict."""
+    """timm's ``Block`` that hands ``norm2`` to the KAN block, which runs it fused with ``act1`` in
+    eager mode (``flashkat.ops.layer_norm_group_rational``): the same modules, parameters and
+    state dict."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *args, **kwargs)))
