@@ -105,3 +105,24 @@ def test_a_layer_norm_passed_in_runs_fused_and_others_first():
     with torch.autocast(DEVICE, dtype=dtype):
         y = layer(x, norm)
     assert y.dtype == dtype and rel_l2(y.detach(), unfused.detach()) < 8e-3
+
+
+def test_jit_trace_records_the_operators():
+    """A traced layer recomputes on new inputs: while tracing, calls go through the operators
+    (on CUDA a kernel launched directly would be missing from the trace), fused LayerNorm too."""
+    layer = flashkat.GroupRational(num_groups=4, mode="swish").to(DEVICE)
+    norm = torch.nn.LayerNorm(16).to(DEVICE)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act, self.norm = layer, norm
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(x, self.norm) + self.act(x)
+
+    block = Block()
+    with pytest.warns(torch.jit.TracerWarning):  # the argument checks branch on shapes
+        traced = torch.jit.trace(block, torch.randn(3, 16, device=DEVICE))
+    x = torch.randn(5, 16, device=DEVICE)
+    torch.testing.assert_close(traced(x), block(x), rtol=1e-5, atol=1e-6)

@@ -1025,8 +1025,10 @@ def _register_native(launcher, x, numerator, denominator, dim: int, out_dtype, p
 
 
 def _launches_directly(x) -> bool:
-    """Whether a call launches the kernels itself (eager CUDA) rather than through the operators."""
-    return HAS_TRITON and isinstance(x, torch.Tensor) and x.is_cuda and not torch.compiler.is_compiling()
+    """Whether a call launches the kernels itself (eager CUDA) rather than through the operators
+    (which compilers and ``torch.jit.trace`` see: a launch of our own would be invisible to them)."""
+    return (HAS_TRITON and isinstance(x, torch.Tensor) and x.is_cuda and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())  # fmt: skip
 
 
 class _GroupRational(torch.autograd.Function):
