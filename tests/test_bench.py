@@ -85,8 +85,10 @@ def test_bench_model(tmp_path, capsys):
     for row in kats:
         vit = next(v for v in vits if v["dtype"] == row["dtype"])
         assert row["vs_vit"] == pytest.approx(row["images_per_s"] / vit["images_per_s"])
+        assert row["pipelined_vs_vit"] == pytest.approx(row["pipelined_images_per_s"] / vit["pipelined_images_per_s"])
         assert row["img_size"] == 32 and row["batch"] == 2
-    assert all(r["images_per_s"] > 0 and 0 < r["host_ms"] <= r["step_ms"] for r in rows)
+    assert all(r["images_per_s"] > 0 and 0 < r["host_ms"] <= r["step_ms"] and r["pipelined_images_per_s"] > 0
+               for r in rows)  # fmt: skip
     table = last_table(capsys.readouterr().out)
     assert table[0].startswith("| size | mode | dtype | model | impl |") and len(table) == 2 + len(rows)
 
@@ -103,12 +105,22 @@ def test_unfused_impl_builds_timms_blocks():
     assert all(step.first_step_s > 0 for step in steps)
 
 
+def test_pipelined_steps_run_back_to_back():
+    step = mbench.TrainingStep("kat_tiny_patch16_224", "gelu", torch.bfloat16, "eager", 2, DEVICE, mbench.CPU_MODEL_ARGS)
+    parameter = next(step.model.parameters())
+    before = int(step.optimizer.state[parameter]["step"])
+    assert step.pipelined(3) > 0 and int(step.optimizer.state[parameter]["step"]) == before + 3
+    with pytest.raises(SystemExit):
+        main(["bench", "model", "--pipelined-steps", "-1"])
+
+
 def test_bench_model_compiles_blocks_or_the_whole_model(tmp_path):
     args = ["bench", "model", "--sizes", "tiny", "--dtypes", "bf16", "--modes", "compile-model", "--impls", "flashkat",
-            "--warmup", "1", "--steps", "1", "--output", str(tmp_path), *SMALL_MODEL]  # fmt: skip
+            "--warmup", "1", "--steps", "1", "--pipelined-steps", "0", "--output", str(tmp_path), *SMALL_MODEL]  # fmt: skip
     assert main(args) == 0
     rows = json.loads((tmp_path / "model.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["compile-model", "compile-model"] and all(r["step_ms"] > 0 for r in rows)
+    assert not any("pipelined_images_per_s" in r or "pipelined_vs_vit" in r for r in rows)  # 0 skips them
     for mode in mbench.MODES:
         model = mbench.create_model("kat_tiny_patch16_224", "cpu", dict(mbench.CPU_MODEL_ARGS))
         mbench.apply_mode(model, mode)

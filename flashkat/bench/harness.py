@@ -98,6 +98,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (a count where 0 turns something off)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def environment(device: str) -> dict:
     """Card and versions, recorded with every result."""
     info = {"device": device, "torch": torch.__version__, "python": platform.python_version()}

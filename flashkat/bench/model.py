@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import flashkat.ops.baselines  # noqa: F401  (registers the "blocked" and "atomic" backwards)
 from flashkat.layers.group_rational import GroupRational, follow_autocast_io
-from flashkat.bench.harness import environment, markdown_table, positive_int, write_results
+from flashkat.bench.harness import environment, markdown_table, non_negative_int, positive_int, write_results
 
 SIZES = ("tiny", "small", "base")
 MODES = ("eager", "compile", "compile-model", "reduce-overhead")
@@ -142,6 +142,7 @@ class TrainingStep:
         self.labels = torch.randint(0, self.model.num_classes, (batch,), device=device)
         self.samples: list[float] = []
         self.host_samples: list[float] = []  # until step() returns: where they match, the host bounds the step
+        self.pipelined_samples: list[float] = []  # seconds per step of back-to-back runs
         self.last_host_s = 0.0
         self.first_step_s = self.timed()  # compiles kernels (and the blocks, in compile mode)
 
@@ -164,23 +165,41 @@ class TrainingStep:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    def pipelined(self, steps: int) -> float:
+        """Seconds per step of ``steps`` steps back to back, one synchronize at the end: a training
+        loop's throughput, where the host prepares the next step while the GPU runs this one."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps
+
     def row(self) -> dict:
         step_s = statistics.median(self.samples)
+        pipelined = {"pipelined_images_per_s": self.batch / statistics.median(self.pipelined_samples)} \
+            if self.pipelined_samples else {}  # fmt: skip
         return {"model": self.name, "impl": self.impl or "-", "dtype": str(self.dtype).replace("torch.", ""),
                 "mode": self.mode, "batch": self.batch, "img_size": self.size[0], "steps": len(self.samples),
                 "step_ms": step_s * 1000, "host_ms": statistics.median(self.host_samples) * 1000,
-                "images_per_s": self.batch / step_s, "first_step_s": self.first_step_s}  # fmt: skip
+                "images_per_s": self.batch / step_s, **pipelined, "first_step_s": self.first_step_s}  # fmt: skip
 
 
 def benchmark(
     sizes: list[str], impls: list[str], dtypes: list[str], modes: list[str], batch: int, device: str,
     warmup: int, steps: int, atomic_steps: int, model_args: dict, desc: str = "bench model",
+    pipelined_steps: int = 0,
 ) -> list[dict]:  # fmt: skip
     """ViT and KAT (each implementation) rows for every size, dtype and mode, with KAT's ratio to the ViT.
 
     The models of one (size, dtype, mode) are timed in turns, one step each per round: the host's
     speed drifts over seconds (by up to 30% on a shared machine), and at KAT-T's size the step
-    time is host time, so only interleaved samples compare fairly.
+    time is host time, so only interleaved samples compare fairly. Each of those steps starts on
+    an idle GPU, so the host's work before a step's first kernel is in its time; with
+    ``pipelined_steps``, three more rounds in turns time that many steps back to back per model
+    (``pipelined_images_per_s``, ``pipelined_vs_vit``): a training loop's throughput.
     """
     groups = [(s, d, m) for s in sizes for d in dtypes for m in modes]
     rows = []
@@ -198,9 +217,14 @@ def benchmark(
                 if run.impl != "atomic" or i < atomic_steps:
                     run.samples.append(run.timed())
                     run.host_samples.append(run.last_host_s)
+        for _ in range(3 if pipelined_steps else 0):
+            for run in runs:
+                run.pipelined_samples.append(run.pipelined(atomic_steps if run.impl == "atomic" else pipelined_steps))
         results = [{"size": size, **run.row()} for run in runs]
         for row in results[1:]:
             row["vs_vit"] = row["images_per_s"] / results[0]["images_per_s"]
+            if pipelined_steps:
+                row["pipelined_vs_vit"] = row["pipelined_images_per_s"] / results[0]["pipelined_images_per_s"]
         rows += results
         del runs
         gc.collect()
@@ -235,10 +259,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     parser.add_argument("--steps", type=positive_int, help="timed steps per model (default 20 on a GPU, 3 on the CPU)")
     parser.add_argument("--atomic-steps", type=positive_int, default=2, help="timed steps for the slow atomic implementation")
+    parser.add_argument("--pipelined-steps", type=non_negative_int,
+                        help="steps back to back per model in each of three more rounds, for a training loop's "
+                             "throughput (default 10 on a GPU, 2 on the CPU; 0 skips them)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for JSON and Markdown")
 
 
-COLUMNS = ["size", "mode", "dtype", "model", "impl", "batch", "images_per_s", "vs_vit", "step_ms", "host_ms"]
+COLUMNS = ["size", "mode", "dtype", "model", "impl", "batch", "images_per_s", "vs_vit", "step_ms", "host_ms",
+           "pipelined_images_per_s", "pipelined_vs_vit"]  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         modes=args.modes or (["eager", "compile", "reduce-overhead"] if gpu else ["eager"]),
         batch=args.batch or (128 if gpu else 4), device=device, warmup=args.warmup,
         steps=args.steps or (20 if gpu else 3), atomic_steps=args.atomic_steps, model_args=model_args,
+        pipelined_steps=(10 if gpu else 2) if args.pipelined_steps is None else args.pipelined_steps,
     )  # fmt: skip
     table = markdown_table(rows, COLUMNS)
     env = environment(device)
