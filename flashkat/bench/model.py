@@ -125,12 +125,13 @@ class TrainingStep:
                  model_args: dict, seed: int = 0) -> None:  # fmt: skip
         torch.manual_seed(seed)
         self.name, self.impl, self.dtype, self.mode, self.batch, self.device = name, impl, dtype, mode, batch, device
-        self.model = create_model(name, device, {**model_args, "fuse_norm": False} if impl == UNFUSED_LABEL else model_args)
+        unfused = impl == UNFUSED_LABEL
+        self.model = create_model(name, device, {**model_args, "fuse_norm": False} if unfused else model_args)
         if impl is not None and impl != CPU_LABEL:
             if impl == GELU_LABEL:
                 layers = use_gelu_standins(self.model)
             else:
-                layers = set_impl(self.model, "flashkat" if impl == UNFUSED_LABEL else impl)
+                layers = set_impl(self.model, "flashkat" if unfused else impl)
             if layers == 0:
                 raise RuntimeError(f"bench model: {name} has no GroupRational layers for impl={impl!r}")
         apply_mode(self.model, mode)

@@ -72,7 +72,7 @@ class GroupRational(nn.Module):
         """F(x), or F(norm(x)): a LayerNorm ``norm`` over the channels (last dim, with weight and
         bias) runs fused with F, one pass over memory (``flashkat.ops.layer_norm_group_rational``);
         any other ``norm`` is applied first, and so is any norm under ``torch.compile``, where inductor
-        fuses the LayerNorm with the residual add before it and with this layer's forward (a fused
+        fuses the LayerNorm with the residual add before it and the cast this layer reads (a fused
         custom op would cost the add its own pass). The fused LayerNorm reads x in its own dtype."""
         if norm is not None:
             if self._fuses(norm, x):

@@ -78,7 +78,8 @@ class Kat(VisionTransformer):
                  fuse_norm: bool = True, **kwargs) -> None:  # fmt: skip
         if fuse_norm:
             if kwargs.get("block_fn", Block) is not Block:
-                raise ValueError("Kat: fuse_norm=True builds its own blocks; pass fuse_norm=False with a block_fn of your own")
+                raise ValueError("Kat: fuse_norm=True builds its own blocks; "
+                                 "pass fuse_norm=False with a block_fn of your own")
             kwargs["block_fn"] = FusedNormBlock
         super().__init__(*args, mlp_layer=mlp_layer, weight_init=weight_init, **kwargs)
 
