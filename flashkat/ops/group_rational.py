@@ -1004,24 +1004,33 @@ def _register_native(launcher, x, numerator, denominator, dim: int, out_dtype, p
     if _off_current_device(x):  # compile and load for x's device (the C++ side launches under its guard)
         with torch.cuda.device(x.device):
             return _register_native(launcher, x, numerator, denominator, dim, out_dtype, plan)
-    # Triton specialises a pointer on its dtype and 16-byte alignment only, and warmup launches
-    # nothing: aligned one-element tensors stand for every tensor (the C++ side launches only with
-    # aligned ones, and makes a strided x contiguous as the Python path does)
-    dtypes = (x.dtype, plan.out_dtype, x.dtype, numerator.dtype, denominator.dtype, torch.float64)
-    x1, out, dx, a1, b1, partials = (torch.empty(1, device=x.device, dtype=dtype) for dtype in dtypes)
-    launches = ((_forward_kernel, plan.forward, (x1, out, a1, b1)),
-                (_backward_kernel, plan.backward, (x1, out, dx, a1, b1, partials)),
-                (_reduce_kernel, plan.reduce, (partials, a1, a1, b1, b1)))  # fmt: skip
-    specs = []
-    for kernel, (grid, scalars, meta), tensors in launches:
-        compiled = kernel.warmup(*tensors, *scalars, grid=grid, **meta)  # compiles, launches nothing
-        spec = native.kernel_spec(compiled, kernel.arg_names, (*tensors, *scalars), len(tensors), grid)
-        if spec is None:
-            return False
-        specs.append(spec)
+    # (the C++ side launches only with aligned tensors, and makes a strided x contiguous as the
+    # Python path does)
+    a, b, f64 = numerator.dtype, denominator.dtype, torch.float64
+    specs = _native_specs(x.device, ((_forward_kernel, plan.forward, (x.dtype, plan.out_dtype, a, b)),
+                                     (_backward_kernel, plan.backward, (x.dtype, plan.out_dtype, x.dtype, a, b, f64)),
+                                     (_reduce_kernel, plan.reduce, (f64, a, a, b, b))))  # fmt: skip
+    if specs is None:
+        return False
     launcher.register_plan(x, numerator, denominator, dim, _OUT_CODES.get(out_dtype, -2), plan.out_dtype, plan.dense,
                            plan.partials, *specs)  # fmt: skip
     return True
+
+
+def _native_specs(device: torch.device, launches) -> list | None:
+    """The native launcher's specs of each (kernel, (grid, scalars, meta), tensor dtypes) launch,
+    or None where one cannot be taken. Triton specialises a pointer on its dtype and 16-byte
+    alignment only, and warmup compiles without launching: aligned one-element tensors stand for
+    every tensor."""
+    specs = []
+    for kernel, (grid, scalars, meta), dtypes in launches:
+        tensors = tuple(torch.empty(1, device=device, dtype=dtype) for dtype in dtypes)
+        compiled = kernel.warmup(*tensors, *scalars, grid=grid, **meta)
+        spec = native.kernel_spec(compiled, kernel.arg_names, (*tensors, *scalars), len(tensors), grid)
+        if spec is None:
+            return None
+        specs.append(spec)
+    return specs
 
 
 def _launches_directly(x) -> bool:

@@ -546,8 +546,7 @@ def _register_native_once(launcher, x, weight, bias, numerator, denominator, eps
 
 def _register_native(launcher, x, weight, bias, numerator, denominator, eps: float, out_dtype) -> bool:
     """Compile the three kernels of this signature and register them with the native launcher
-    (as ``group_rational._register_native``: aligned one-element tensors stand for every tensor);
-    False where it cannot take them."""
+    (through ``group_rational._native_specs``); False where it cannot take them."""
     params = (weight, bias, numerator, denominator)
     if x.numel() == 0 or not all(t.is_contiguous() for t in (x, *params)) or gr._launches_hooked():
         return False
@@ -557,23 +556,16 @@ def _register_native(launcher, x, weight, bias, numerator, denominator, eps: flo
     D = x.shape[-1]
     plan = _config(x.numel() // D, D, x.dtype, numerator.shape[1] - 1, denominator.shape[1], numerator.shape[0],
                    denominator.shape[0], gr._device_index(x))  # fmt: skip
-    out, stats = out_dtype or x.dtype, _stats_dtype(x)
+    out, stats, f32, f64 = out_dtype or x.dtype, _stats_dtype(x), torch.float32, torch.float64
     w, b, a, c = (t.dtype for t in params)
-    dtypes = ((x.dtype, w, b, a, c, out, stats, stats),
-              (x.dtype, out, w, b, a, c, stats, stats, x.dtype, torch.float64, torch.float32),
-              (torch.float64, a, a, c, c, torch.float32, w, b))  # fmt: skip
     (f_grid, f_scalars, f_meta, f_limit), (b_grid, b_scalars, b_meta, b_limit, offset_b, size) = plan.forward, plan.backward
-    launches = ((_forward_kernel, f_grid, (*f_scalars, eps, f_limit), f_meta),
-                (_backward_kernel, b_grid, (*b_scalars, eps, b_limit, offset_b), b_meta),
-                (_reduce_kernel, *plan.reduce))  # fmt: skip
-    specs = []
-    for (kernel, grid, scalars, meta), kinds in zip(launches, dtypes):
-        tensors = tuple(torch.empty(1, device=x.device, dtype=dtype) for dtype in kinds)
-        compiled = kernel.warmup(*tensors, *scalars, grid=grid, **meta)  # compiles, launches nothing
-        spec = native.kernel_spec(compiled, kernel.arg_names, (*tensors, *scalars), len(tensors), grid)
-        if spec is None:
-            return False
-        specs.append(spec)
+    specs = gr._native_specs(x.device, (
+        (_forward_kernel, (f_grid, (*f_scalars, eps, f_limit), f_meta), (x.dtype, w, b, a, c, out, stats, stats)),
+        (_backward_kernel, (b_grid, (*b_scalars, eps, b_limit, offset_b), b_meta),
+         (x.dtype, out, w, b, a, c, stats, stats, x.dtype, f64, f32)),
+        (_reduce_kernel, plan.reduce, (f64, a, a, c, c, f32, w, b))))  # fmt: skip
+    if specs is None:
+        return False
     launcher.register_layer_norm_plan(x, weight, bias, numerator, denominator, eps, gr._OUT_CODES.get(out_dtype, -2),
                                       out, stats, size, plan.programs, *specs)  # fmt: skip
     return True
