@@ -233,11 +233,12 @@ def test_native_layer_norm_function_with_interpreted_launches():
             assert rel_l2(leaf.grad, want) < 1e-5
         y2, mean, rstd = module.layer_norm_launch_forward(x, weight, bias, a, b, 1e-5, -1)  # the operators' kernels
         assert torch.equal(y2, y.detach()) and mean.shape == rstd.shape == (33,)
-        grads = module.layer_norm_launch_backward(g, x, weight, bias, a, b, mean, rstd, 1e-5)
+        grads = module.layer_norm_launch_backward(g, x, weight, bias, a, b, mean, rstd, 1e-5, op._OUT_CODES[g.dtype])
         assert all(torch.equal(got, leaf.grad) for got, leaf in zip(grads, leaves))
         assert module.layer_norm_forward(x, weight, bias, a, b, 1e-6, -1) is None
         assert module.layer_norm_forward(x.transpose(0, 1), weight, bias, a, b, 1e-5, -1) is None
-        assert module.layer_norm_launch_backward(g.bfloat16(), x, weight, bias, a, b, mean, rstd, 1e-5) is None
+        assert module.layer_norm_launch_backward(g.bfloat16(), x, weight, bias, a, b, mean, rstd, 1e-5,
+                                                 op._OUT_CODES[torch.bfloat16]) is None
     finally:
         module.set_launch_hook(None)
         module.clear()

@@ -196,6 +196,13 @@ at::Tensor new_like(const at::Tensor& t, at::ScalarType dtype) { return new_tens
 
 bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
+// The gradient as a backward kernel was built for: in dtype, with x's strides, 16-byte aligned.
+at::Tensor kernel_grad(const at::Tensor& grad_in, const at::Tensor& x, at::ScalarType dtype) {
+  at::Tensor grad = grad_in.scalar_type() == dtype ? grad_in : grad_in.to(dtype);
+  if (grad.strides() != x.strides() || !aligned(grad)) grad = at::empty_like(x, grad.options()).copy_(grad);
+  return grad;
+}
+
 CUstream current_stream(const at::Tensor& t) {
   if (!t.is_cuda()) return nullptr;  // CPU tensors only reach the launch hook
   return reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
@@ -218,10 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Plan& plan, co
   const c10::DeviceGuard guard(x_in.device());
   ensure_context(plan.context);
   const at::Tensor x = plan.dense ? x_in : x_in.contiguous();
-  at::Tensor grad = grad_in.scalar_type() == plan.out_dtype ? grad_in : grad_in.to(plan.out_dtype);
-  if (grad.strides() != x.strides() || !aligned(grad)) {  // the layout and alignment the kernel was built for
-    grad = at::empty_like(x, grad.options()).copy_(grad);
-  }
+  const at::Tensor grad = kernel_grad(grad_in, x, plan.out_dtype);
   at::Tensor dx = new_like(x, x.scalar_type());
   at::Tensor d_numerator = new_like(numerator, numerator.scalar_type());
   at::Tensor d_denominator = new_like(denominator, denominator.scalar_type());
@@ -339,8 +343,7 @@ variable_list run_layer_norm_backward(const LayerNormPlan& plan, const at::Tenso
                                       const at::Tensor& denominator, const at::Tensor& mean, const at::Tensor& rstd) {
   const c10::DeviceGuard guard(x.device());
   ensure_context(plan.context);
-  at::Tensor grad = grad_in.scalar_type() == plan.out_dtype ? grad_in : grad_in.to(plan.out_dtype);
-  if (grad.strides() != x.strides() || !aligned(grad)) grad = at::empty_like(x, grad.options()).copy_(grad);
+  const at::Tensor grad = kernel_grad(grad_in, x, plan.out_dtype);
   const int64_t channels = x.size(-1);
   at::Tensor dx = new_like(x, x.scalar_type());
   at::Tensor partials = new_tensor({plan.partials}, {1}, at::kDouble, x);
@@ -416,19 +419,13 @@ py::object layer_norm_launch_forward(const at::Tensor& x, const at::Tensor& weig
   return py::cast(outputs);
 }
 
-// The backward operator knows the output dtype only from the gradient: a plan registered for
-// that dtype (out_dtype named), else for x's own (out_dtype None).
+// The backward operator knows the output dtype only from the gradient (grad_code, its dtype's
+// out code): a plan registered for that dtype (out_dtype named), else for x's own (out_dtype None).
 py::object layer_norm_launch_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& bias, const at::Tensor& numerator,
                                       const at::Tensor& denominator, const at::Tensor& mean, const at::Tensor& rstd,
-                                      double eps) {
-  static const std::unordered_map<int, int64_t> codes = {{static_cast<int>(at::kHalf), 0},
-                                                         {static_cast<int>(at::kBFloat16), 1},
-                                                         {static_cast<int>(at::kFloat), 2},
-                                                         {static_cast<int>(at::kDouble), 3}};
-  const auto code = codes.find(static_cast<int>(grad.scalar_type()));
-  const LayerNormPlan* plan = nullptr;
-  if (code != codes.end()) plan = find_layer_norm_plan(x, weight, bias, numerator, denominator, eps, code->second);
+                                      double eps, int64_t grad_code) {
+  const LayerNormPlan* plan = find_layer_norm_plan(x, weight, bias, numerator, denominator, eps, grad_code);
   if (plan == nullptr) plan = find_layer_norm_plan(x, weight, bias, numerator, denominator, eps, -1);
   if (plan == nullptr || grad.scalar_type() != plan->out_dtype || !aligned(mean) || !aligned(rstd)) return py::none();
   variable_list grads;

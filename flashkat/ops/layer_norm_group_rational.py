@@ -450,7 +450,7 @@ def _cuda_backward_op(grad_output, x, weight, bias, numerator, denominator, mean
     launcher = native.module()
     if launcher is not None:
         grads = launcher.layer_norm_launch_backward(grad_output, x, weight, bias, numerator, denominator, mean, rstd,
-                                                    eps)  # fmt: skip
+                                                    eps, gr._OUT_CODES.get(grad_output.dtype, -2))  # fmt: skip
         if grads is not None:
             return grads
     return triton_backward(grad_output, x, weight, bias, numerator, denominator, mean, rstd, eps)
