@@ -205,6 +205,35 @@ class InterpretedLayerNormLaunches(InterpretedLaunches):
                                         *self.specs({11: 8, 12: 11, 13: 8}))  # fmt: skip
 
 
+
+def test_native_specs_compile_stand_ins_and_stop_at_the_first_refusal(monkeypatch):
+    """Each launch compiles for aligned one-element stand-ins of its tensors' dtypes, with its
+    scalars, grid and meta-parameters; one spec the launcher cannot take refuses the whole plan."""
+    warmups = []
+
+    class Kernel:
+        arg_names = ["p", "q", "n"]
+
+        def __init__(self, name):
+            self.name = name
+
+        def warmup(self, *args, grid, **meta):
+            warmups.append((self.name, [a.dtype for a in args[:2]], [a.numel() for a in args[:2]], args[2:], grid, meta))
+            return self.name
+
+    refused = set()
+    monkeypatch.setattr(native, "kernel_spec", lambda compiled, names, args, n_tensors, grid:
+                        None if compiled in refused else (compiled, names, n_tensors, grid))  # fmt: skip
+    launches = ((Kernel("f"), ((4,), (7,), {"BLOCK": 8}), (torch.float32, torch.bfloat16)),
+                (Kernel("g"), ((2,), (9,), {"BLOCK": 16}), (torch.float64, torch.float16)))
+    specs = op._native_specs(torch.device("cpu"), launches)
+    assert specs == [("f", ["p", "q", "n"], 2, (4,)), ("g", ["p", "q", "n"], 2, (2,))]
+    assert warmups == [("f", [torch.float32, torch.bfloat16], [1, 1], (7,), (4,), {"BLOCK": 8}),
+                       ("g", [torch.float64, torch.float16], [1, 1], (9,), (2,), {"BLOCK": 16})]  # fmt: skip
+    refused.add("f")
+    warmups.clear()
+    assert op._native_specs(torch.device("cpu"), launches) is None and [w[0] for w in warmups] == ["f"]
+
 @needs_compiler
 def test_native_layer_norm_function_with_interpreted_launches():
     """The fused op's C++ autograd function, plan lookup, allocations and launch parameters, the
