@@ -218,7 +218,8 @@ def test_native_specs_compile_stand_ins_and_stop_at_the_first_refusal(monkeypatc
             self.name = name
 
         def warmup(self, *args, grid, **meta):
-            warmups.append((self.name, [a.dtype for a in args[:2]], [a.numel() for a in args[:2]], args[2:], grid, meta))
+            tensors = args[:2]
+            warmups.append((self.name, [t.dtype for t in tensors], [t.numel() for t in tensors], args[2:], grid, meta))
             return self.name
 
     refused = set()
