@@ -246,7 +246,8 @@ def test_bench_host(tmp_path, capsys):
     assert main(["bench", "host", "--calls", "3", "--output", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "host.json").read_text())["rows"]
     calls = {r["call"] for r in rows}
-    assert {"group_rational forward+backward", "gelu forward+backward", "gelu forward (no_grad)"} <= calls
+    assert {"group_rational forward+backward", "gelu forward+backward", "gelu forward (no_grad)",
+            "layer_norm_group_rational forward+backward", "layer_norm then gelu forward+backward"} <= calls
     assert "triton_backward" in calls  # a GPU, or the interpreter (conftest)
     assert all(r["host_us"] > 0 for r in rows)
     table = last_table(capsys.readouterr().out)

@@ -5,7 +5,7 @@ calls per step costs its Python and launch time. Here the tensors are tiny (GPU 
 every call is followed by nothing, and the wall time of many calls divided by their number is the
 host cost of one. Rows: the Triton launchers alone (forward, backward), the public function's
 forward under no_grad, the registered operators (what a compiled graph calls), and forward +
-backward through autograd; GELU's for scale. On the CPU the
+backward through autograd, also of the fused LayerNorm + rational; GELU's for scale. On the CPU the
 op runs the float64 reference (and so do these rows).
 """
 
@@ -25,6 +25,7 @@ from flashkat import reference
 from flashkat.bench.harness import environment, markdown_table, positive_int, write_results
 from flashkat.ops import group_rational as op
 from flashkat.ops import native
+from flashkat.ops.layer_norm_group_rational import layer_norm_group_rational
 
 
 def host_us(fn: Callable[[], object], device: str, calls: int) -> float:
@@ -49,6 +50,7 @@ def measure(device: str, calls: int, rows: int = 64, channels: int = 192) -> lis
     numerator = torch.randn(1, 6, generator=gen).to(device)
     denominator = torch.randn(8, 4, generator=gen).to(device)
     leaves = [t.clone().requires_grad_() for t in (x, numerator, denominator)]
+    norm = torch.nn.LayerNorm(channels, device=device)
     kernels = op.HAS_TRITON and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
     def op_pair():
@@ -59,6 +61,16 @@ def measure(device: str, calls: int, rows: int = 64, channels: int = 192) -> lis
     def gelu_pair():
         leaves[0].grad = None
         F.gelu(leaves[0]).backward(grad)
+
+    def fused_pair():  # KAT's first activation with the LayerNorm before it
+        for t in (*leaves, norm.weight, norm.bias):
+            t.grad = None
+        layer_norm_group_rational(leaves[0], norm.weight, norm.bias, *leaves[1:], norm.eps).backward(grad)
+
+    def norm_gelu_pair():
+        for t in (leaves[0], norm.weight, norm.bias):
+            t.grad = None
+        F.gelu(norm(leaves[0])).backward(grad)
 
     cases = {}
     if kernels:
@@ -75,8 +87,11 @@ def measure(device: str, calls: int, rows: int = 64, channels: int = 192) -> lis
     cases["gelu forward (no_grad)"] = lambda: F.gelu(x)
     cases["group_rational forward+backward"] = op_pair
     cases["gelu forward+backward"] = gelu_pair
+    cases["layer_norm_group_rational forward+backward"] = fused_pair
+    cases["layer_norm then gelu forward+backward"] = norm_gelu_pair
     if native.module() is not None:
-        for name in ("operator forward (compiled graphs)", "group_rational forward+backward"):
+        for name in ("operator forward (compiled graphs)", "group_rational forward+backward",
+                     "layer_norm_group_rational forward+backward"):
             cases[f"{name} (Python path)"] = cases[name]
     results = []
     for name, fn in cases.items():

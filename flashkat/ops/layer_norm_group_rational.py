@@ -512,15 +512,20 @@ def layer_norm_group_rational(
     reference. Differentiable in all five tensors. The output has x's dtype unless ``out_dtype``
     names another (a float32 residual stream feeding a bfloat16 matmul under autocast, say).
     """
+    launcher = native.module() if gr._launches_directly(x) else None
+    if launcher is not None:  # a signature seen (and checked) before: forward and backward in C++
+        try:
+            y = launcher.layer_norm_forward(x, weight, bias, numerator, denominator, eps,
+                                            gr._OUT_CODES.get(out_dtype, -2))  # fmt: skip
+        except TypeError:  # not tensors, say: the checks below raise the clear error
+            y = None
+        if y is not None:
+            return y
     if not all(isinstance(t, torch.Tensor) for t in (x, weight, bias, numerator, denominator)):
         reference.check_args(x, numerator, denominator, -1)  # raises the TypeError for x and the coefficients
     _check_args(x, weight, bias, numerator, denominator, eps, out_dtype)
     eps = float(eps)
-    launcher = native.module() if gr._launches_directly(x) else None
-    if launcher is not None:  # a signature seen before: forward and backward in C++
-        y = launcher.layer_norm_forward(x, weight, bias, numerator, denominator, eps, gr._OUT_CODES.get(out_dtype, -2))
-        if y is not None:
-            return y
+    if launcher is not None:
         _register_native_once(launcher, x, weight, bias, numerator, denominator, eps, out_dtype)
     return _LayerNormGroupRational.apply(x, weight, bias, numerator, denominator, eps, out_dtype)
 
