@@ -93,6 +93,14 @@ def test_bench_model(tmp_path, capsys):
     assert table[0].startswith("| size | mode | dtype | model | impl |") and len(table) == 2 + len(rows)
 
 
+def test_eager_configurations_run_before_compiled_ones():
+    from flashkat.bench.model import configurations
+
+    order = configurations(["tiny", "base"], ["bf16"], ["reduce-overhead", "eager", "compile"])
+    assert order == [("tiny", "bf16", "eager"), ("base", "bf16", "eager"), ("tiny", "bf16", "reduce-overhead"),
+                     ("tiny", "bf16", "compile"), ("base", "bf16", "reduce-overhead"), ("base", "bf16", "compile")]
+
+
 def test_unfused_impl_builds_timms_blocks():
     from timm.models.vision_transformer import Block
 
