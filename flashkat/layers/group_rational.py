@@ -75,10 +75,8 @@ class GroupRational(nn.Module):
         fuses the LayerNorm with the residual add before it and the cast this layer reads (a fused
         custom op would cost the add its own pass). The fused LayerNorm reads x in its own dtype."""
         if norm is not None:
-            if self._fuses(norm, x):
-                out_dtype = None
-                if self.follow_autocast and torch.is_autocast_enabled(x.device.type):
-                    out_dtype = torch.get_autocast_dtype(x.device.type)
+            if self._fuses(norm, x):  # eager only, where follow_autocast_io leaves x as it is
+                _, out_dtype = follow_autocast_io(x, self.follow_autocast)
                 return layer_norm_group_rational(x, norm.weight, norm.bias, self.weight_numerator,
                                                  self.weight_denominator, norm.eps, out_dtype)  # fmt: skip
             x = norm(x)
