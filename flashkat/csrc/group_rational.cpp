@@ -456,11 +456,18 @@ Kernel to_kernel(const py::tuple& spec) {
   return kernel;
 }
 
+// The context a plan's kernels were loaded into: the current one when x is on a GPU (null on the
+// CPU, where only the launch hook runs them).
+CUcontext registration_context(const at::Tensor& x) {
+  const CUcontext context = x.is_cuda() ? current_context() : nullptr;
+  TORCH_CHECK(!x.is_cuda() || context != nullptr, "flashkat native: no current CUDA context at registration");
+  return context;
+}
+
 void register_plan(const at::Tensor& x, const at::Tensor& numerator, const at::Tensor& denominator, int64_t dim,
                    int64_t out_code, at::ScalarType out_dtype, bool dense, int64_t partials, const py::tuple& forward_spec,
                    const py::tuple& backward_spec, const py::tuple& reduce_spec) {
-  const CUcontext context = x.is_cuda() ? current_context() : nullptr;
-  TORCH_CHECK(!x.is_cuda() || context != nullptr, "flashkat native: no current CUDA context at registration");
+  const CUcontext context = registration_context(x);
   all_plans.push_back(Plan{to_kernel(forward_spec), to_kernel(backward_spec), to_kernel(reduce_spec), out_dtype, dense,
                            partials, context});
   plans[signature(x, numerator, denominator, dim, out_code)] = &all_plans.back();
@@ -471,8 +478,7 @@ void register_layer_norm_plan(const at::Tensor& x, const at::Tensor& weight, con
                               at::ScalarType out_dtype, at::ScalarType stats_dtype, int64_t partials, int64_t programs,
                               const py::tuple& forward_spec, const py::tuple& backward_spec,
                               const py::tuple& reduce_spec) {
-  const CUcontext context = x.is_cuda() ? current_context() : nullptr;
-  TORCH_CHECK(!x.is_cuda() || context != nullptr, "flashkat native: no current CUDA context at registration");
+  const CUcontext context = registration_context(x);
   all_layer_norm_plans.push_back(LayerNormPlan{to_kernel(forward_spec), to_kernel(backward_spec),
                                                to_kernel(reduce_spec), out_dtype, stats_dtype, partials, programs,
                                                context});

@@ -554,6 +554,17 @@ def _safe_limit(m: int, n: int) -> float:
     return float(2.0 ** (96 // max(m, n, 1)))
 
 
+def _arithmetic(dtype: torch.dtype, m: int, n: int, device_index: int) -> tuple:
+    """How a signature's kernels evaluate the rational: (compute dtype, fast reciprocal, safe limit).
+
+    Float32 arithmetic except for float64 inputs, which never need the float64 redo (safe limit
+    inf); PTX's fast reciprocal on NVIDIA GPUs, where the interpreter (and ROCm) divide.
+    """
+    compute = tl.float64 if dtype == torch.float64 else tl.float32
+    fast = device_index >= 0 and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+    return compute, fast, float("inf") if dtype == torch.float64 else _safe_limit(m, n)
+
+
 def _tile_width(D: int, cpg_a: int, cpg_b: int, itemsize: int) -> int:
     """Columns per tile: a power of two, with every coefficient set uniform over a tile (all its
     columns in one group) where such tiles span a whole 128-byte line per row (32 columns, 64 in
@@ -637,12 +648,8 @@ class _Config:
         wanted = max(_programs_per_wave(device_index) * waves // self.tiles_c, 1)
         self.programs_s = max(min(wanted, triton.cdiv(S, self.block_s)), 1)
         self.even = S % self.block_s == 0 and D % self.block_c == 0
-        self.compute = tl.float64 if dtype == torch.float64 else tl.float32
         self.index_64 = S * D >= _INDEX_64_FROM
-        # PTX's fast reciprocal on NVIDIA GPUs; the interpreter (and ROCm) divide
-        self.fast = device_index >= 0 and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
-        # float64 arithmetic never needs the float64 redo
-        self.safe_limit = float("inf") if dtype == torch.float64 else _safe_limit(m, n)
+        self.compute, self.fast, self.safe_limit = _arithmetic(dtype, m, n, device_index)
         # Hopper's programmatic dependent launch: the reduction kernel launches while the backward
         # kernel's last programs run, instead of after the whole grid has drained
         self.pdl = (_TUNING["pdl"] and backward and self.fast

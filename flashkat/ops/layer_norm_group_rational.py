@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -276,9 +275,7 @@ def _config(S: int, D: int, dtype: torch.dtype, m: int, n: int, groups_a: int, g
     uniform_a = groups_a == 1
     slots_a = 1 if uniform_a else gr._group_slots(block_d, cpg_a)
     slots_b = gr._group_slots(block_d, cpg_b)
-    compute = tl.float64 if dtype == torch.float64 else tl.float32
-    fast = device_index >= 0 and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
-    safe_limit = float("inf") if dtype == torch.float64 else gr._safe_limit(m, n)
+    compute, fast, safe_limit = gr._arithmetic(dtype, m, n, device_index)
     index_64 = S * D >= gr._INDEX_64_FROM
     launches = []
     for kind in ("forward", "backward"):
@@ -435,6 +432,8 @@ _LIB.define("layer_norm_group_rational_backward(Tensor grad_output, Tensor x, Te
             "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")  # fmt: skip
 _LIB.impl("layer_norm_group_rational", _reference_forward_op, "CompositeExplicitAutograd")
 _LIB.impl("layer_norm_group_rational_backward", _reference_backward_op, "CompositeExplicitAutograd")
+
+
 def _cuda_forward_op(x, weight, bias, numerator, denominator, eps, out_dtype):
     launcher = native.module()
     if launcher is not None:  # a signature seen before: launched from C++
